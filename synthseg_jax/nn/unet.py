@@ -1,0 +1,178 @@
+"""The neurite-style U-Net and residual encoder that every SynthSeg network is built from.
+
+Layer names follow Keras' naming in neurite (``<prefix>_conv_downarm_<level>_<i>``, ...), because
+those names are the contract with published ``.h5`` weight files: the importer maps them one to one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Keras' defaults, which the published weights were trained with (Flax's epsilon is 1e-5).
+KERAS_BN_EPSILON = 1e-3
+KERAS_BN_MOMENTUM = 0.99
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "elu": jax.nn.elu,
+    "relu": jax.nn.relu,
+    "linear": lambda x: x,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+    """Hyper-parameters of neurite's ``unet`` builder (the ones SynthSeg uses)."""
+
+    prefix: str
+    n_labels: int
+    nb_features: int = 24
+    nb_levels: int = 5
+    conv_size: int = 3
+    nb_conv_per_level: int = 2
+    feat_mult: int = 2
+    activation: str = "elu"
+    batch_norm: bool = True
+    # Drop the skip connections of the N shallowest decoder levels (the l2l denoiser keeps 2 of 4).
+    skip_n_concatenations: int = 0
+
+    def level_features(self, level: int) -> int:
+        return int(round(self.nb_features * self.feat_mult**level))
+
+    @property
+    def size_multiple(self) -> int:
+        """Every spatial size must be a multiple of this, or the decoder cannot meet its skips."""
+        return 2 ** (self.nb_levels - 1)
+
+
+def conv3d(features: int, size: int, name: str) -> nn.Conv:
+    """A Keras-equivalent ``Conv3D(padding='same')`` with Keras' Glorot-uniform initialisation."""
+    return nn.Conv(
+        features,
+        kernel_size=(size,) * 3,
+        padding="SAME",
+        kernel_init=nn.initializers.glorot_uniform(),
+        bias_init=nn.initializers.zeros,
+        name=name,
+    )
+
+
+def batch_norm(name: str, train: bool) -> nn.BatchNorm:
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=KERAS_BN_MOMENTUM,
+        epsilon=KERAS_BN_EPSILON,
+        name=name,
+    )
+
+
+def max_pool(x: jax.Array) -> jax.Array:
+    """Keras ``MaxPooling3D(2, padding='same')``: odd sizes are padded at the end only."""
+    return nn.max_pool(x, (2, 2, 2), strides=(2, 2, 2), padding="SAME")
+
+
+def upsample_nearest(x: jax.Array) -> jax.Array:
+    """Keras ``UpSampling3D(2)``: each voxel repeated twice along every spatial axis."""
+    b, d, h, w, c = x.shape
+    x = jnp.broadcast_to(x[:, :, None, :, None, :, None, :], (b, d, 2, h, 2, w, 2, c))
+    return x.reshape(b, 2 * d, 2 * h, 2 * w, c)
+
+
+def check_spatial_shape(shape: tuple[int, ...], multiple: int, what: str) -> None:
+    bad = [s for s in shape if s % multiple]
+    if bad:
+        raise ValueError(
+            f"{what}: spatial shape {tuple(shape)} must be a multiple of {multiple} along every axis"
+        )
+
+
+class UNet(nn.Module):
+    """neurite ``unet``: returns the logits of ``<prefix>_likelihood`` (softmax is the caller's).
+
+    Logits rather than posteriors because training's warm-up loss is an L2 on logits.
+    """
+
+    config: UNetConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        cfg = self.config
+        check_spatial_shape(x.shape[1:-1], cfg.size_multiple, f"U-Net '{cfg.prefix}'")
+        act = ACTIVATIONS[cfg.activation]
+        skips = []
+        for level in range(cfg.nb_levels):
+            for i in range(cfg.nb_conv_per_level):
+                name = f"{cfg.prefix}_conv_downarm_{level}_{i}"
+                x = act(conv3d(cfg.level_features(level), cfg.conv_size, name)(x))
+            skips.append(x)  # the skip is taken before this level's BatchNorm, as in neurite
+            if cfg.batch_norm:
+                x = batch_norm(f"{cfg.prefix}_bn_down_{level}", train)(x)
+            if level < cfg.nb_levels - 1:
+                x = max_pool(x)
+
+        n_up = cfg.nb_levels - 1
+        for level in range(n_up):
+            x = upsample_nearest(x)
+            if level < n_up - cfg.skip_n_concatenations:
+                x = jnp.concatenate([skips[n_up - 1 - level], x], axis=-1)
+            for i in range(cfg.nb_conv_per_level):
+                name = f"{cfg.prefix}_conv_uparm_{cfg.nb_levels + level}_{i}"
+                x = act(conv3d(cfg.level_features(n_up - 1 - level), cfg.conv_size, name)(x))
+            if cfg.batch_norm:
+                x = batch_norm(f"{cfg.prefix}_bn_up_{level}", train)(x)
+
+        return conv3d(cfg.n_labels, 1, f"{cfg.prefix}_likelihood")(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+    """Hyper-parameters of neurite's ``conv_enc`` with residual blocks (the QC regressor's trunk)."""
+
+    prefix: str
+    nb_features: int = 24
+    nb_levels: int = 4
+    conv_size: int = 5
+    nb_conv_per_level: int = 2
+    feat_mult: int = 2
+    activation: str = "relu"
+    batch_norm: bool = True
+    use_residuals: bool = True
+
+    def level_features(self, level: int) -> int:
+        return int(round(self.nb_features * self.feat_mult**level))
+
+
+class ResidualEncoder(nn.Module):
+    """neurite ``conv_enc``: per level, convs (the last without activation when residual), a
+    residual sum with the level's input (projected by ``expand_down_merge`` when the channel
+    counts differ), activation, BatchNorm, then max-pooling except after the last level."""
+
+    config: EncoderConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        cfg = self.config
+        act = ACTIVATIONS[cfg.activation]
+        for level in range(cfg.nb_levels):
+            features = cfg.level_features(level)
+            level_input = x
+            for i in range(cfg.nb_conv_per_level):
+                conv = conv3d(features, cfg.conv_size, f"{cfg.prefix}_conv_downarm_{level}_{i}")
+                last = i == cfg.nb_conv_per_level - 1
+                x = conv(x) if (last and cfg.use_residuals) else act(conv(x))
+            if cfg.use_residuals:
+                shortcut = level_input
+                n_in = level_input.shape[-1]
+                if n_in > 1 and features > 1 and n_in != features:
+                    expand = conv3d(features, cfg.conv_size, f"{cfg.prefix}_expand_down_merge_{level}")
+                    shortcut = act(expand(level_input))
+                x = act(shortcut + x)
+            if cfg.batch_norm:
+                x = batch_norm(f"{cfg.prefix}_bn_down_{level}", train)(x)
+            if level < cfg.nb_levels - 1:
+                x = max_pool(x)
+        return x
