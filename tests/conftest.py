@@ -20,3 +20,8 @@ def tables() -> LabelTables:
 @pytest.fixture(scope="session")
 def tables_v1() -> LabelTables:
     return LabelTables.load(LABELS_DIR, "1.0")
+
+
+@pytest.fixture(scope="session")
+def labels_dir() -> str:
+    return LABELS_DIR

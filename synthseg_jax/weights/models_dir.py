@@ -22,7 +22,8 @@ from synthseg_jax.nn.synthseg import (
     parcellation_config,
     segmenter_config,
 )
-from synthseg_jax.weights.keras_h5 import WeightFileError, load_keras_h5
+from synthseg_jax.nn.unet import EncoderConfig, UNetConfig
+from synthseg_jax.weights.keras_h5 import WeightFileError, load_keras_h5, read_keras_h5
 
 MODEL_FILES = {
     "1.0": "synthseg_1.0.h5",
@@ -65,11 +66,87 @@ def init_network(kind: str, tables: LabelTables, seed: int = 0) -> tuple[nn.Modu
     return module, jax.jit(module.init)(jax.random.key(seed), x)
 
 
+def _kernel_shape(layers: dict, name: str, path: str) -> tuple[int, ...]:
+    if name not in layers:
+        raise WeightFileError(f"{path}: layer '{name}' is missing from the file")
+    return layers[name]["kernel"].shape
+
+
+def _count(layers: dict, pattern: str) -> int:
+    n = 0
+    while pattern.format(n) in layers:
+        n += 1
+    return n
+
+
+def infer_unet_config(layers: dict, prefix: str, path: str) -> UNetConfig:
+    """Read a U-Net's width, depth, kernel size and kept skips off its weight shapes, so narrower
+    models (like the CPU-trained default) load by the same route as the published ones."""
+    first = _kernel_shape(layers, f"{prefix}_conv_downarm_0_0", path)
+    nb_levels = _count(layers, prefix + "_conv_downarm_{}_0")
+    nb_conv = _count(layers, prefix + "_conv_downarm_0_{}")
+    features = [_kernel_shape(layers, f"{prefix}_conv_downarm_{lvl}_0", path)[-1]
+                for lvl in range(nb_levels)]
+    feat_mult = features[1] // features[0] if nb_levels > 1 else 1
+    kept_skips = 0
+    for level in range(nb_levels - 1):
+        upsampled = features[nb_levels - 1 - level]  # channels arriving from the level below
+        cin = _kernel_shape(layers, f"{prefix}_conv_uparm_{nb_levels + level}_0", path)[-2]
+        kept_skips += int(cin > upsampled)
+    n_labels = _kernel_shape(layers, f"{prefix}_likelihood", path)[-1]
+    return UNetConfig(prefix=prefix, n_labels=n_labels, nb_features=features[0], nb_levels=nb_levels,
+                      conv_size=first[0], nb_conv_per_level=nb_conv, feat_mult=feat_mult,
+                      batch_norm=f"{prefix}_bn_down_0" in layers,
+                      skip_n_concatenations=nb_levels - 1 - kept_skips)
+
+
+def infer_encoder_config(layers: dict, prefix: str, path: str) -> EncoderConfig:
+    first = _kernel_shape(layers, f"{prefix}_conv_downarm_0_0", path)
+    nb_levels = _count(layers, prefix + "_conv_downarm_{}_0")
+    second = _kernel_shape(layers, f"{prefix}_conv_downarm_1_0", path) if nb_levels > 1 else first
+    return EncoderConfig(prefix=prefix, nb_features=first[-1], nb_levels=nb_levels,
+                         conv_size=first[0], nb_conv_per_level=_count(layers, prefix + "_conv_downarm_0_{}"),
+                         feat_mult=second[-1] // first[-1], batch_norm=f"{prefix}_bn_down_0" in layers)
+
+
+def network_from_file(kind: str, path: str, tables: LabelTables) -> tuple[nn.Module, int]:
+    """The module whose architecture the weight file describes, checked against the label tables."""
+    layers = read_keras_h5(path)
+
+    def unet(prefix: str, n_expected: int) -> UNetConfig:
+        cfg = infer_unet_config(layers, prefix, path)
+        if cfg.n_labels != n_expected:
+            raise WeightFileError(f"{path}: '{prefix}_likelihood' has {cfg.n_labels} outputs, the "
+                                  f"label tables of SynthSeg {tables.version} need {n_expected}")
+        return cfg
+
+    if kind in ("1.0", "2.0"):
+        return Segmenter(unet("unet", tables.n_labels)), 1
+    if kind == "robust":
+        return RobustCascade(n_groups=tables.n_groups, n_labels=tables.n_labels,
+                             first=unet("unet", tables.n_groups), denoiser=unet("l2l", tables.n_groups),
+                             second=unet("unet2", tables.n_labels)), 1
+    if kind == "parc":
+        return Segmenter(unet("unet_parc", len(tables.parcellation))), 3
+    if kind == "qc":
+        n_out = _kernel_shape(layers, "qc_final_conv_1", path)[-1]
+        if n_out != tables.n_qc:
+            raise WeightFileError(f"{path}: 'qc_final_conv_1' has {n_out} outputs, the QC label "
+                                  f"table needs {tables.n_qc}")
+        return QCRegressor(n_qc_labels=n_out, encoder=infer_encoder_config(layers, "qc", path)), n_out
+    raise ValueError(f"unknown network kind {kind!r}; expected one of {sorted(MODEL_FILES)}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelsDir:
-    """A folder holding ``synthseg_*.h5`` weights and the label ``.npy`` files."""
+    """A folder holding ``synthseg_*.h5`` weights and the label ``.npy`` files.
+
+    The label files may live in another folder (``labels_dir``), so a model trained here ships its
+    weights without copying the published label tables.
+    """
 
     path: str
+    labels_dir: str | None = None
 
     def weights_file(self, kind: str) -> str:
         if kind not in MODEL_FILES:
@@ -80,9 +157,10 @@ class ModelsDir:
         return path
 
     def labels(self, version: str = "2.0") -> LabelTables:
-        return LabelTables.load(self.path, version)
+        return LabelTables.load(self.labels_dir or self.path, version)
 
     def load_network(self, kind: str) -> tuple[nn.Module, Any]:
-        """The module of ``kind`` and its variables read from this folder's ``.h5`` file."""
-        module, in_channels = build_network(kind, self.labels(label_version(kind)))
-        return module, load_keras_h5(self.weights_file(kind), variable_shapes(module, in_channels))
+        """The module of ``kind`` (architecture read off the file) and its variables."""
+        path = self.weights_file(kind)
+        module, in_channels = network_from_file(kind, path, self.labels(label_version(kind)))
+        return module, load_keras_h5(path, variable_shapes(module, in_channels))
