@@ -94,7 +94,7 @@ class GeneratorConfig:
     nonlin_std: float = 4.0
     nonlin_scale: float = 0.04
     nonlin_int_steps: int = 7
-    nonlin_integration_factor: float = 0.25                # 0.5 = the original's half-size grid
+    nonlin_integration_factor: float = 0.5                 # integration grid / label shape (0.5 = original)
     # bias field
     bias_field_std: float = 0.7
     bias_scale: float = 0.025
