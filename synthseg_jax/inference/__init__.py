@@ -1,0 +1,1 @@
+"""Prediction: ``mri_synthseg``'s pipeline (preprocess -> network -> postprocess -> outputs) in JAX."""

@@ -1,0 +1,195 @@
+"""From the network's posteriors to the segmentation, posteriors and volumes written to disk.
+
+What ``mri_synthseg``'s ``postprocess`` does, in its order:
+
+1. keep the largest connected component of (sum of non-background posteriors > 0.25) and zero the
+   non-background posteriors elsewhere;
+2. default mode: per topological class (all but the first), keep the largest connected component
+   of (any posterior of the class > 0.25), zero the class's posteriors elsewhere; this runs on the
+   padded volume, then the padding is removed. Fast/robust mode: remove the padding first, and
+   zero non-background posteriors <= 0.2 instead;
+3. renormalise the posteriors to sum to one; argmax -> labels;
+4. parcellation: inside the cortex (labels 3 and 42) the parcellation's argmax replaces the label;
+5. paste the crop back (background posterior 1 around it), undo the RAS alignment;
+6. volumes = sum of posteriors x voxel volume, "total intracranial" first (2.0), parcellation
+   volumes rescaled (see ``compute_volumes``), rounded to 3 decimals.
+
+Connected components run on the host (scipy); each class is labelled inside its bounding box only,
+which gives the same components as labelling the whole volume and is several times faster.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from scipy import ndimage
+
+from synthseg_jax.io import resample_like
+from synthseg_jax.inference.preprocess import Preprocessed
+from synthseg_jax.labels import LabelTables
+from synthseg_jax.nn.synthseg import CORTEX_LABELS
+
+BRAIN_THRESHOLD = 0.25
+CLASS_THRESHOLD = 0.25
+FAST_THRESHOLD = 0.2
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 6-connected component of a boolean mask (ties: the first in scan order).
+
+    An empty mask is returned as it is.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    components, n = ndimage.label(mask)
+    if n == 0:
+        return mask.copy()
+    counts = np.bincount(components.ravel())
+    counts[0] = 0
+    return components == int(np.argmax(counts))
+
+
+def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """Smallest box holding every True voxel, or None if there is none."""
+    box = []
+    for axis in range(mask.ndim):
+        others = tuple(a for a in range(mask.ndim) if a != axis)
+        present = np.flatnonzero(np.any(mask, axis=others))
+        if present.size == 0:
+            return None
+        box.append(slice(int(present[0]), int(present[-1]) + 1))
+    return tuple(box)
+
+
+def largest_component_fast(mask: np.ndarray) -> np.ndarray:
+    """``largest_component`` computed inside the mask's bounding box (same result, less work)."""
+    mask = np.asarray(mask, dtype=bool)
+    box = bounding_box(mask)
+    if box is None:
+        return mask.copy()
+    out = np.zeros_like(mask)
+    out[box] = largest_component(mask[box])
+    return out
+
+
+def _crop(volume: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    return volume[idx[0]:idx[3], idx[1]:idx[4], idx[2]:idx[5]]
+
+
+def clean_posteriors(posteriors: np.ndarray, pad_idx: np.ndarray, topology_classes: np.ndarray,
+                     fast: bool) -> np.ndarray:
+    """Steps 1-3 (before argmax): connected components, thresholds, padding removal, renormalising.
+
+    ``posteriors`` is the padded (X, Y, Z, C) network output; a new float32 array is returned.
+    """
+    post = np.array(posteriors, dtype=np.float32, copy=True)
+    if fast:
+        post = np.ascontiguousarray(_crop(post, pad_idx))
+
+    brain = largest_component(post[..., 1:].sum(axis=-1) > BRAIN_THRESHOLD)
+    post[..., 1:] *= brain[..., None]
+
+    if not fast:
+        # Classes partition the channels, so each class's mask can be taken when it is reached.
+        for topology_class in np.unique(topology_classes)[1:]:
+            channels = np.flatnonzero(topology_classes == topology_class)
+            mask = np.any(post[..., channels] > CLASS_THRESHOLD, axis=-1)
+            keep = largest_component_fast(mask)
+            post[..., channels] *= keep[..., None]
+        post = np.ascontiguousarray(_crop(post, pad_idx))
+    else:
+        post[..., 1:] *= post[..., 1:] > FAST_THRESHOLD
+
+    renormalise(post)
+    return post
+
+
+def renormalise(post: np.ndarray) -> None:
+    """Divide each voxel's posteriors by their sum, in place (all-zero voxels stay zero, where the
+    original would produce NaN and then label 0 as well)."""
+    total = post.sum(axis=-1, keepdims=True)
+    np.divide(post, total, out=post, where=total > 0)
+
+
+def parcellate(seg: np.ndarray, parc_posteriors: np.ndarray, pad_idx: np.ndarray,
+               parc_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Step 4: cortex voxels take the parcellation label. Returns (seg, parcellation posteriors):
+    the posteriors with background 1 outside the cortex and 0 inside, renormalised, as the
+    original keeps them for the volumes."""
+    parc = np.array(_crop(parc_posteriors, pad_idx), dtype=np.float32, copy=True)
+    cortex = np.isin(seg, CORTEX_LABELS)
+    parc[..., 0] = ~cortex
+    renormalise(parc)
+    parc_seg = parc_labels[np.argmax(parc, axis=-1)].astype(np.int32)
+    seg = seg.copy()
+    seg[cortex] = parc_seg[cortex]
+    return seg, parc
+
+
+def compute_volumes(posteriors: np.ndarray, labels: np.ndarray, voxel_size: np.ndarray, v1: bool,
+                    parc_posteriors: np.ndarray | None = None) -> np.ndarray:
+    """Step 6, the original's arithmetic (mm^3, 3 decimals).
+
+    Order: ["total intracranial" (2.0 only)] + one per non-background label + [one per
+    non-background parcellation label]. The parcellation volumes are rescaled so they sum to
+    the volume the original takes as the cortex volume: the entries at (index of labels 3 and 42
+    among the segmentation labels) - 1 of the volume list. For 1.0 those are the cortex volumes;
+    for 2.0, whose list starts with the total, they are the structures just before the cortices
+    (labels 2 and 41, the cerebral white matter). We reproduce this, since the CSV must match the
+    original's.
+    """
+    axes = tuple(range(posteriors.ndim - 1))
+    volumes = posteriors[..., 1:].sum(axis=axes, dtype=np.float64)
+    if not v1:
+        volumes = np.concatenate([[volumes.sum()], volumes])
+    if parc_posteriors is not None:
+        parc_volumes = parc_posteriors[..., 1:].sum(axis=axes, dtype=np.float64)
+        cortex = np.flatnonzero(np.isin(labels, CORTEX_LABELS)) - 1
+        parc_volumes = parc_volumes / parc_volumes.sum() * volumes[cortex].sum()
+        volumes = np.concatenate([volumes, parc_volumes])
+    return np.round(volumes * float(np.prod(voxel_size)), 3)
+
+
+@dataclasses.dataclass
+class Prediction:
+    """Everything that is written for one scan."""
+
+    seg: np.ndarray            # int32 labels on the output grid
+    posteriors: np.ndarray     # float32 (X, Y, Z, C) on the output grid
+    affine: np.ndarray         # the output grid's affine
+    volumes: np.ndarray        # as in the CSV
+    qc_scores: np.ndarray | None = None  # one per QC class, without the background's
+
+
+def postprocess(posteriors: np.ndarray, prep: Preprocessed, tables: LabelTables, fast: bool,
+                v1: bool, parc_posteriors: np.ndarray | None = None,
+                keepgeom: bool = False) -> Prediction:
+    """The original's ``postprocess``; ``keepgeom`` also maps the results back onto the input's own
+    voxel grid (only differs from the default when the scan was resampled to 1 mm)."""
+    labels = tables.segmentation
+    post = clean_posteriors(posteriors, prep.pad_idx, tables.topology_classes, fast)
+    seg = labels[np.argmax(post, axis=-1)].astype(np.int32)
+    parc = None
+    if parc_posteriors is not None:
+        seg, parc = parcellate(seg, parc_posteriors, prep.pad_idx, tables.parcellation)
+
+    if prep.crop_idx is not None:
+        idx = prep.crop_idx
+        full_seg = np.zeros(prep.aligned_shape, dtype=np.int32)
+        full_post = np.zeros(prep.aligned_shape + (post.shape[-1],), dtype=np.float32)
+        full_post[..., 0] = 1
+        full_seg[idx[0]:idx[3], idx[1]:idx[4], idx[2]:idx[5]] = seg
+        full_post[idx[0]:idx[3], idx[1]:idx[4], idx[2]:idx[5]] = post
+        seg, post = full_seg, full_post
+
+    seg = np.ascontiguousarray(prep.alignment.from_ras(seg))
+    post = np.ascontiguousarray(prep.alignment.from_ras(post))
+    volumes = compute_volumes(post, labels, prep.voxel_size, v1, parc)
+
+    affine = prep.affine
+    if keepgeom and prep.resampled is not None:
+        seg = resample_like(seg, affine, prep.input_shape, prep.input_affine, order=0)
+        post = resample_like(post, affine, prep.input_shape, prep.input_affine, order=1)
+        renormalise(post)
+        affine = prep.input_affine
+    return Prediction(seg=seg, posteriors=post, affine=affine, volumes=volumes)

@@ -1,0 +1,372 @@
+"""Reading and writing scans: NIfTI/MGZ through nibabel, RAS alignment, 1 mm resampling, atomic writes.
+
+Semantics follow what ``mri_synthseg`` does to an input (see ``docs``/REFERENCE.md):
+
+* a scan is squeezed; 3-D is the normal case, 4-D keeps its first channel (with a warning); fewer
+  than 3 or more than 4 dimensions is an error;
+* RAS alignment only permutes and flips axes (no interpolation): the voxel axis closest to each
+  world axis is moved into place and flipped if it points the wrong way, so undoing it is exact;
+* resampling to 1 mm is linear, after a small Gaussian pre-filter on the axes that are finer than
+  1 mm, with the sample positions the original uses (the new grid covers the old field of view, its
+  first voxel centred half a new voxel inside the first old voxel's outer edge);
+* every file is written to a temporary name in the destination folder and renamed into place, so a
+  failed run never leaves a half-written output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+
+import nibabel as nib
+import numpy as np
+from scipy.ndimage import gaussian_filter
+
+IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".mgz")
+MAX_CHANNELS = 10  # a trailing axis this short is read as channels, as the original does
+
+
+class ScanError(ValueError):
+    """A problem with one input or output file. ``str(err)`` is one line naming the file."""
+
+
+def image_extension(path: str) -> str | None:
+    """The image extension of ``path`` (``.nii.gz``, ``.nii`` or ``.mgz``), or None."""
+    lower = path.lower()
+    for ext in IMAGE_EXTENSIONS:
+        if lower.endswith(ext):
+            return ext
+    return None
+
+
+def strip_image_extension(name: str) -> str:
+    ext = image_extension(name)
+    return name[: -len(ext)] if ext else name
+
+
+@dataclasses.dataclass
+class Scan:
+    """A scan as read from disk, reduced to one 3-D channel."""
+
+    path: str
+    data: np.ndarray          # (X, Y, Z) float64, as nibabel's get_fdata gives it
+    affine: np.ndarray        # voxel -> world (RAS mm), 4x4
+    header: nib.spatialimages.SpatialHeader
+    zooms: np.ndarray         # voxel sizes from the header (what decides resampling)
+    n_channels: int = 1
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def load_scan(path: str, check_values: bool = True) -> Scan:
+    """Read a NIfTI/MGZ scan; every problem is a ``ScanError`` naming the file."""
+    if image_extension(path) is None:
+        raise ScanError(f"{path}: unsupported file type; use .nii, .nii.gz or .mgz")
+    if not os.path.exists(path):
+        raise ScanError(f"{path}: file not found")
+    if not os.path.isfile(path):
+        raise ScanError(f"{path}: not a file")
+    if not os.access(path, os.R_OK):
+        raise ScanError(f"{path}: file not readable (permission denied)")
+    try:
+        img = nib.load(path)
+        data = np.asarray(img.get_fdata(dtype=np.float64))
+    except Exception as err:  # nibabel raises many types for corrupt/truncated files
+        raise ScanError(f"{path}: cannot read image ({_one_line(err)})") from None
+    data = np.squeeze(data)
+    n_channels = 1
+    if data.ndim < 3:
+        raise ScanError(f"{path}: image has {data.ndim} dimension(s) of size >1 (shape "
+                        f"{tuple(img.shape)}); a 3-D scan is needed")
+    if data.ndim == 4 and data.shape[-1] <= MAX_CHANNELS:
+        n_channels = data.shape[-1]
+        data = data[..., 0]
+    elif data.ndim > 3:
+        raise ScanError(f"{path}: image has {data.ndim} dimensions (shape {tuple(img.shape)}); "
+                        f"a 3-D scan (or 4-D with one frame) is needed")
+    if check_values:
+        if not np.all(np.isfinite(data)):
+            bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+            raise ScanError(f"{path}: image contains {bad} NaN or infinite voxel value(s)")
+        if data.size == 0 or float(data.max()) == float(data.min()):
+            value = float(data.flat[0]) if data.size else 0.0
+            what = "all zero" if value == 0 else f"constant ({value:g})"
+            raise ScanError(f"{path}: image is {what}; nothing to segment")
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise ScanError(f"{path}: the image's affine (voxel-to-world matrix) is singular or invalid")
+    zooms = np.asarray(img.header.get_zooms()[:3], dtype=np.float64)
+    return Scan(path=path, data=data, affine=affine, header=img.header, zooms=zooms,
+                n_channels=n_channels)
+
+
+# ------------------------------------------------------------------------------------------------
+# RAS alignment by permutation and flips
+# ------------------------------------------------------------------------------------------------
+
+def ras_axes(affine: np.ndarray) -> np.ndarray:
+    """For each world axis (R, A, S), the voxel axis that runs closest to it.
+
+    Taken from the inverse affine, column by column; if two world axes pick the same voxel axis,
+    the later of them gets the voxel axis nobody picked (the original's tie rule).
+    """
+    inverse = np.linalg.inv(affine)
+    axes = np.argmax(np.abs(inverse[:3, :3]), axis=0)
+    for voxel_axis in range(3):
+        if voxel_axis not in axes:
+            values, counts = np.unique(axes, return_counts=True)
+            duplicated = values[np.argmax(counts)]
+            axes[np.nonzero(axes == duplicated)[0][-1]] = voxel_axis
+    return axes
+
+
+@dataclasses.dataclass(frozen=True)
+class RasAlignment:
+    """Axis permutation then flips taking a volume from its stored layout to RAS layout."""
+
+    permutation: tuple[int, int, int]   # aligned axis k = stored axis permutation[k]
+    flips: tuple[bool, bool, bool]      # flip aligned axis k
+
+    @classmethod
+    def from_affine(cls, affine: np.ndarray) -> "RasAlignment":
+        perm = ras_axes(affine)
+        permuted = affine[:3, :3][:, perm]
+        flips = tuple(bool(permuted[k, k] < 0) for k in range(3))
+        return cls(tuple(int(p) for p in perm), flips)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.permutation == (0, 1, 2) and not any(self.flips)
+
+    def _full_perm(self, ndim: int) -> tuple[int, ...]:
+        return tuple(self.permutation) + tuple(range(3, ndim))
+
+    def to_ras(self, volume: np.ndarray) -> np.ndarray:
+        """Stored layout -> RAS layout (a view when possible); trailing channel axes are kept."""
+        out = np.transpose(volume, self._full_perm(volume.ndim))
+        for axis, flip in enumerate(self.flips):
+            if flip:
+                out = np.flip(out, axis=axis)
+        return out
+
+    def from_ras(self, volume: np.ndarray) -> np.ndarray:
+        """RAS layout -> stored layout: the exact inverse of ``to_ras``."""
+        out = volume
+        for axis, flip in enumerate(self.flips):
+            if flip:
+                out = np.flip(out, axis=axis)
+        inverse = np.argsort(self._full_perm(volume.ndim))
+        return np.transpose(out, tuple(int(i) for i in inverse))
+
+    def ras_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(shape[p] for p in self.permutation) + tuple(shape[3:])
+
+    def ras_affine(self, affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """The affine of ``to_ras(volume)`` for a volume of the stored ``shape`` and ``affine``."""
+        out = affine.copy()
+        out[:, :3] = affine[:, list(self.permutation)]
+        aligned_shape = self.ras_shape(shape)
+        for axis, flip in enumerate(self.flips):
+            if flip:
+                out[:3, 3] += out[:3, axis] * (aligned_shape[axis] - 1)
+                out[:3, axis] = -out[:3, axis]
+        return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Resampling to 1 mm
+# ------------------------------------------------------------------------------------------------
+
+def needs_resampling(zooms: np.ndarray, tolerance: float = 0.05) -> bool:
+    """The original resamples when any voxel size lies outside [0.95, 1.05] mm."""
+    zooms = np.asarray(zooms, dtype=np.float64)
+    return bool(np.any((zooms > 1 + tolerance) | (zooms < 1 - tolerance)))
+
+
+def _interp_axis(volume: np.ndarray, axis: int, positions: np.ndarray) -> np.ndarray:
+    """Linear interpolation of ``volume`` along ``axis`` at (clamped) fractional ``positions``."""
+    n = volume.shape[axis]
+    positions = np.clip(positions, 0, n - 1)
+    low = np.minimum(np.floor(positions).astype(np.int64), max(n - 2, 0))
+    weight = positions - low
+    high = np.minimum(low + 1, n - 1)
+    shape = [1] * volume.ndim
+    shape[axis] = len(positions)
+    weight = weight.reshape(shape)
+    a = np.take(volume, low, axis=axis)
+    b = np.take(volume, high, axis=axis)
+    return a * (1 - weight) + b * weight
+
+
+def resample_grid(affine: np.ndarray, shape: tuple[int, ...], voxel_size: float = 1.0
+                  ) -> tuple[list[np.ndarray], np.ndarray]:
+    """Sample positions (in old voxel units, per axis) and affine of the ``voxel_size`` grid."""
+    pixdim = np.sqrt(np.sum(affine[:3, :3] ** 2, axis=0))
+    factor = pixdim / voxel_size
+    start = -(factor - 1) / (2 * factor)
+    step = 1.0 / factor
+    stop = start + step * np.ceil(np.asarray(shape[:3]) * factor)
+    positions = [np.arange(start[i], stop[i], step[i]) for i in range(3)]
+    new_affine = affine.copy()
+    new_affine[:3, :3] = affine[:3, :3] / factor
+    new_affine[:3, 3] = affine[:3, 3] - new_affine[:3, :3] @ (0.5 * (factor - 1))
+    return positions, new_affine
+
+
+def resample_to_voxel_size(volume: np.ndarray, affine: np.ndarray, voxel_size: float = 1.0
+                           ) -> tuple[np.ndarray, np.ndarray]:
+    """Linear resampling of a 3-D volume to isotropic ``voxel_size`` mm, keeping its field of view.
+
+    Axes whose voxels are smaller than the target are first smoothed (Gaussian, sigma = a quarter
+    of the size ratio) to limit aliasing; larger voxels are interpolated as they are.
+    """
+    pixdim = np.sqrt(np.sum(affine[:3, :3] ** 2, axis=0))
+    factor = pixdim / voxel_size
+    sigmas = np.where(factor > 1, 0.0, 0.25 / factor)
+    filtered = gaussian_filter(np.asarray(volume, dtype=np.float64), sigmas)
+    positions, new_affine = resample_grid(affine, volume.shape, voxel_size)
+    out = filtered
+    for axis in range(3):
+        out = _interp_axis(out, axis, positions[axis])
+    return out, new_affine
+
+
+def resample_like(volume: np.ndarray, affine: np.ndarray, target_shape: tuple[int, ...],
+                  target_affine: np.ndarray, order: int) -> np.ndarray:
+    """Resample ``volume`` (3-D, or 4-D with channels last) onto another voxel grid of the same
+    world space: ``order`` 0 (nearest, for labels) or 1 (linear, for posteriors). Outside the
+    source grid the nearest edge value is used."""
+    from scipy.ndimage import affine_transform
+
+    to_source = np.linalg.inv(affine) @ target_affine
+    matrix, offset = to_source[:3, :3], to_source[:3, 3]
+    if volume.ndim == 3:
+        return affine_transform(volume, matrix, offset, output_shape=tuple(target_shape[:3]),
+                                order=order, mode="nearest")
+    out = np.empty(tuple(target_shape[:3]) + volume.shape[3:], dtype=volume.dtype)
+    for c in range(volume.shape[-1]):
+        out[..., c] = affine_transform(volume[..., c], matrix, offset,
+                                       output_shape=tuple(target_shape[:3]), order=order,
+                                       mode="nearest")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing
+# ------------------------------------------------------------------------------------------------
+
+def _make_image(data: np.ndarray, affine: np.ndarray, header, path: str, dtype) -> nib.spatialimages.SpatialImage:
+    data = np.asarray(data)
+    if np.issubdtype(np.dtype(dtype), np.integer) and not np.issubdtype(data.dtype, np.integer):
+        data = np.round(data)
+    data = data.astype(dtype, copy=False)
+    if image_extension(path) == ".mgz":
+        img = nib.MGHImage(data, affine, header if isinstance(header, nib.freesurfer.mghformat.MGHHeader) else None)
+    else:
+        hdr = header if isinstance(header, nib.Nifti1Header) else None
+        img = nib.Nifti1Image(data, affine, hdr)
+        img.header.set_slope_inter(1, 0)
+    img.set_data_dtype(dtype)
+    return img
+
+
+def temporary_path(path: str) -> str:
+    """A fresh, hidden file name beside ``path`` with the same extension (nibabel needs it)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    ext = image_extension(path) or os.path.splitext(path)[1]
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=f".tmp{ext}", dir=directory)
+    os.close(fd)
+    return tmp
+
+
+def ensure_directory(path: str) -> None:
+    """Create the folder that will hold ``path``; a clear ``ScanError`` if that is impossible."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as err:
+        raise ScanError(f"{path}: cannot create output folder {directory} ({err.strerror or err})") from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ScanError(f"{path}: output folder {directory} is not writable")
+
+
+class AtomicWriter:
+    """Collect several outputs under temporary names, then move them all into place at once.
+
+    ``commit`` renames every file; if anything fails before that, ``discard`` (also called on an
+    exception inside a ``with`` block) deletes the temporaries, so no partial output remains.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[str, str]] = []
+
+    def __enter__(self) -> "AtomicWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.discard()
+
+    def _reserve(self, path: str) -> str:
+        ensure_directory(path)
+        try:
+            tmp = temporary_path(path)
+        except OSError as err:
+            raise ScanError(f"{path}: cannot write ({err.strerror or err})") from None
+        self._pending.append((tmp, path))
+        return tmp
+
+    def image(self, data: np.ndarray, affine: np.ndarray, header, path: str, dtype) -> None:
+        tmp = self._reserve(path)
+        try:
+            nib.save(_make_image(data, affine, header, path, dtype), tmp)
+        except OSError as err:
+            raise ScanError(f"{path}: cannot write ({err.strerror or err})") from None
+
+    def bytes(self, content: bytes, path: str) -> None:
+        tmp = self._reserve(path)
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(content)
+        except OSError as err:
+            raise ScanError(f"{path}: cannot write ({err.strerror or err})") from None
+
+    def text(self, content: str, path: str) -> None:
+        self.bytes(content.encode("utf8"), path)
+
+    def commit(self) -> None:
+        try:
+            for tmp, path in self._pending:
+                os.replace(tmp, path)
+        except OSError as err:
+            self.discard()
+            raise ScanError(f"{path}: cannot write ({err.strerror or err})") from None
+        self._pending = []
+
+    def discard(self) -> None:
+        for tmp, _ in self._pending:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        self._pending = []
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(path for _, path in self._pending)
+
+
+def save_image(data: np.ndarray, affine: np.ndarray, header, path: str, dtype=np.float32) -> None:
+    """Write one image atomically (temporary name, then rename)."""
+    with AtomicWriter() as writer:
+        writer.image(data, affine, header, path, dtype)
+        writer.commit()
+
+
+def warn(message: str) -> None:
+    warnings.warn(message, stacklevel=2)
