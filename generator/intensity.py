@@ -55,7 +55,8 @@ def _draw(key: Array, hyper: Array, distribution: str) -> Array:
     return jnp.maximum(v, 0.0)
 
 
-def _pick_block(key: Array, arr: np.ndarray, channel: int, specific: bool) -> Array:
+def _pick_block(u: Array, arr: np.ndarray, channel: int, specific: bool) -> Array:
+    """Block of two rows of ``arr``: the channel's (``specific``) or a random one (``u ~ U(0, 1)``)."""
     n_mod = arr.shape[0] // 2
     blocks = jnp.asarray(arr.reshape(n_mod, 2, -1), jnp.float32)
     if n_mod == 1:
@@ -64,7 +65,7 @@ def _pick_block(key: Array, arr: np.ndarray, channel: int, specific: bool) -> Ar
         if n_mod <= channel:
             raise ValueError(f"use_specific_stats_for_channel needs one block per channel, got {n_mod}")
         return blocks[channel]
-    return blocks[jax.random.randint(key, (), 0, n_mod)]
+    return blocks[jnp.minimum(jnp.floor(u * n_mod).astype(jnp.int32), n_mod - 1)]
 
 
 def sample_gmm_params(key: Array, n_classes: int, prior_distributions: str = 'uniform',
@@ -76,23 +77,24 @@ def sample_gmm_params(key: Array, n_classes: int, prior_distributions: str = 'un
     """Draw the per-class means and stds of one channel. Returns ``(means, stds)``, each
     ``[n_classes]``.  ``default_*`` are SynthSeg's (centre, range) used when no prior is given
     (``U(0, 250)`` and ``U(0, 30)`` with uniform priors)."""
-    keys = jax.random.split(key, 10)
+    k_u, k_m, k_s = jax.random.split(key, 3)
+    u = jax.random.uniform(k_u, (7,), jnp.float32)     # block picks, mixing, background reset
     dm = prior_array(None, n_classes, *default_means)
     ds = prior_array(None, n_classes, *default_stds)
     pm = prior_array(prior_means, n_classes, *default_means)
     ps = prior_array(prior_stds, n_classes, *default_stds)
-    hm = _pick_block(keys[0], pm, channel, use_specific_stats_for_channel)
-    hs = _pick_block(keys[1], ps, channel, use_specific_stats_for_channel)
+    hm = _pick_block(u[0], pm, channel, use_specific_stats_for_channel)
+    hs = _pick_block(u[1], ps, channel, use_specific_stats_for_channel)
     if mix_prior_and_random and prior_means is not None:
-        hm = jnp.where(jax.random.uniform(keys[2]) > 0.5, jnp.asarray(dm, jnp.float32), hm)
+        hm = jnp.where(u[2] > 0.5, jnp.asarray(dm, jnp.float32), hm)
     if mix_prior_and_random and prior_stds is not None:
-        hs = jnp.where(jax.random.uniform(keys[3]) > 0.5, jnp.asarray(ds, jnp.float32), hs)
-    means = _draw(keys[4], hm, prior_distributions)
-    stds = _draw(keys[5], hs, prior_distributions)
+        hs = jnp.where(u[3] > 0.5, jnp.asarray(ds, jnp.float32), hs)
+    means = _draw(k_m, hm, prior_distributions)
+    stds = _draw(k_s, hs, prior_distributions)
     # background resets
-    coef = jax.random.uniform(keys[6])
-    low_mean = jax.random.uniform(keys[7]) * background_low_mean
-    low_std = jax.random.uniform(keys[8]) * background_low_std
+    coef = u[4]
+    low_mean = u[5] * background_low_mean
+    low_std = u[6] * background_low_std
     zero = coef > 1.0 - background_zero_prob
     low = (coef > 1.0 - background_zero_prob - background_low_prob) & ~zero
     m0 = jnp.where(zero, 0.0, jnp.where(low, low_mean, means[0]))

@@ -77,9 +77,10 @@ def align_table(table: Sequence[int], generation_labels: Sequence[int], n_neutra
 
     If ``table`` has one entry per generation label it is used as is.  Otherwise (SynthSeg 2.0's
     tables are written for a private 55-label list with one more non-sided label than the public
-    54-label list) the sided parts are aligned from the end, and each non-sided generation label
-    keeps its own value if that value appears among the table's non-sided entries and maps to
-    0 otherwise (in the 2.0 tables the non-sided entries are either the label itself or 0).
+    54-label list) the sided parts are aligned from the end and the non-sided parts from the
+    start; this is only accepted if the table's surplus non-sided entries and the last entry they
+    would replace all carry the same value (in the 2.0 tables: 0, extra-cerebral labels), so the
+    exact position of the extra label does not matter.
     """
     table = np.asarray(table, dtype=np.int64)
     gl = np.asarray(generation_labels, dtype=np.int64)
@@ -88,14 +89,14 @@ def align_table(table: Sequence[int], generation_labels: Sequence[int], n_neutra
     n_sided = len(gl) - n_neutral_labels
     if n_neutral_table is None:
         n_neutral_table = len(table) - n_sided
-    if n_neutral_table < 1 or len(table) - n_neutral_table != n_sided:
-        raise ValueError(f"cannot align a table of {len(table)} entries with {len(gl)} generation labels")
-    neutral_values = set(table[:n_neutral_table].tolist())
-    out = np.empty(len(gl), dtype=np.int64)
-    for i in range(n_neutral_labels):
-        out[i] = gl[i] if gl[i] in neutral_values else 0
-    out[n_neutral_labels:] = table[n_neutral_table:]
-    return out
+    if n_neutral_table < n_neutral_labels or len(table) - n_neutral_table != n_sided:
+        raise ValueError(f"cannot align a table of {len(table)} entries with {len(gl)} generation labels "
+                         f"({n_neutral_labels} non-sided)")
+    tail = table[n_neutral_labels - 1:n_neutral_table]
+    if np.any(tail != tail[0]):
+        raise ValueError(f"cannot align a table of {len(table)} entries with {len(gl)} generation labels: "
+                         f"its extra non-sided entries {tail.tolist()} differ")
+    return np.concatenate([table[:n_neutral_labels], table[n_neutral_table:]])
 
 
 def conversion_lut(dest_values: Sequence[int]) -> np.ndarray:

@@ -41,27 +41,29 @@ def sample_resolution(key: Array, min_res: Sequence[float], max_res_iso: Optiona
     if max_res_aniso is not None and np.array_equal(np.asarray(max_res_aniso, float), min_np):
         max_res_aniso = None
     min_res = jnp.asarray(min_np, jnp.float32)
-    k_iso, k_aniso, k_dim, k_choice, k_min, k_thick = jax.random.split(key, 6)
-    dim = jax.random.randint(k_dim, (), 0, n)
+    u = jax.random.uniform(key, (3 * n + 3,), jnp.float32)     # one draw (fewer PRNG call sites)
+    u_iso, u_aniso, u_thick = u[:n], u[n:2 * n], u[2 * n:3 * n]
+    dim = jnp.minimum(jnp.floor(u[3 * n] * n).astype(jnp.int32), n - 1)
+    u_choice, u_min = u[3 * n + 1], u[3 * n + 2]
     mask = jnp.arange(n) == dim
 
-    def uni(k, hi):
+    def uni(v, hi):
         hi = jnp.asarray(hi, jnp.float32)
-        return min_res + (hi - min_res) * jax.random.uniform(k, (n,), jnp.float32)
+        return min_res + (hi - min_res) * v
 
     if max_res_iso is None and max_res_aniso is None:
         res = min_res
     elif max_res_aniso is None:
-        res = uni(k_iso, max_res_iso)
+        res = uni(u_iso, max_res_iso)
     elif max_res_iso is None:
-        res = jnp.where(mask, uni(k_aniso, max_res_aniso), min_res)
+        res = jnp.where(mask, uni(u_aniso, max_res_aniso), min_res)
     else:
-        iso = uni(k_iso, max_res_iso)
-        aniso = jnp.where(mask, uni(k_aniso, max_res_aniso), min_res)
-        res = jnp.where(jax.random.uniform(k_choice) < prob_iso, iso, aniso)
+        iso = uni(u_iso, max_res_iso)
+        aniso = jnp.where(mask, uni(u_aniso, max_res_aniso), min_res)
+        res = jnp.where(u_choice < prob_iso, iso, aniso)
     if not (max_res_iso is None and max_res_aniso is None):
-        res = jnp.where(jax.random.uniform(k_min) < prob_min, min_res, res)
-    thickness = min_res + (res - min_res) * jax.random.uniform(k_thick, (n,), jnp.float32)
+        res = jnp.where(u_min < prob_min, min_res, res)
+    thickness = min_res + (res - min_res) * u_thick
     return res, thickness
 
 

@@ -321,12 +321,12 @@ def load_label_maps(label_dir: str, generation_labels: Optional[Sequence[int]] =
 
 # --------------------------------------------------------------------------- the sampler
 
-N_KEYS = 8
-
-
 def _sample(key: Array, label_map: Array, params: SamplerParams, with_info: bool):
     cfg = params.config
-    k_spatial, k_flip, k_gmm, k_noise, k_bias, k_gamma, k_res, k_bias_apply = jax.random.split(key, N_KEYS)
+    # one split for everything (each PRNG call site costs compile time)
+    keys = jax.random.split(key, 2 + 5 * cfg.n_channels)
+    k_spatial, k_misc = keys[0], keys[1]
+    u_misc = jax.random.uniform(k_misc, (2,), jnp.float32)     # flip, bias-field application
     out_shape = tuple(min(int(o), int(s)) for o, s in zip(cfg.output_shape, label_map.shape))
     info = {}
 
@@ -340,18 +340,20 @@ def _sample(key: Array, label_map: Array, params: SamplerParams, with_info: bool
         info.update({k: v for k, v in sp.items() if k != 'positions'})
 
     # 2. left/right flip (RAS axis 0) with label swap
+    if with_info:
+        info['labels_before_flip'] = labels
     if cfg.flipping:
-        do_flip = jax.random.uniform(k_flip) < cfg.flip_prob
+        do_flip = u_misc[0] < cfg.flip_prob
         labels = lab.flip_lr(labels, do_flip, np.asarray(params.flip_lut, np.int32), axis=0)
         info['flipped'] = do_flip
     if with_info:
         info['labels'] = labels
 
     class_of_label = jnp.asarray(params.class_of_label, jnp.int32)
-    bias_apply = jax.random.uniform(k_bias_apply) < cfg.bias_prob
+    bias_apply = u_misc[1] < cfg.bias_prob
     channels, ch_info = [], []
     for c in range(cfg.n_channels):
-        kc = [jax.random.fold_in(k, c) for k in (k_gmm, k_noise, k_bias, k_gamma, k_res)]
+        kc = keys[2 + 5 * c:7 + 5 * c]
         # 3. GMM
         means, stds = inten.sample_gmm_params(
             kc[0], params.n_classes, cfg.prior_distributions, params.prior_means, params.prior_stds,

@@ -49,10 +49,10 @@ def bounds_to_range(bounds, centre: float, n: int) -> Optional[np.ndarray]:
     raise ValueError(f"bounds must be a number, a [low, high] pair or a (2, {n}) array, got {bounds!r}")
 
 
-def _uniform(key: Array, rng: np.ndarray) -> Array:
+def _scale(u: Array, rng: np.ndarray) -> Array:
     lo = jnp.asarray(rng[0], jnp.float32)
     hi = jnp.asarray(rng[1], jnp.float32)
-    return lo + (hi - lo) * jax.random.uniform(key, lo.shape, jnp.float32)
+    return lo + (hi - lo) * u
 
 
 def rotation_matrix(angles_deg: Array) -> Array:
@@ -81,15 +81,16 @@ def sample_affine(key: Array, scaling_bounds=0.2, rotation_bounds=15.0, shearing
     Returns a dict with the drawn ``rotation`` (deg, 3), ``scaling`` (3), ``shearing`` (6),
     ``translation`` (voxels, 3) and the resulting 3x3 ``matrix`` ``S @ Sh @ R``.
     """
-    k_rot, k_sh, k_sc, k_tr = jax.random.split(key, 4)
+    # one draw for all parameters (fewer PRNG call sites keep the compile time down)
+    u = jax.random.uniform(key, (15,), jnp.float32)
     rot_r = bounds_to_range(rotation_bounds, 0.0, 3)
     sh_r = bounds_to_range(shearing_bounds, 0.0, 6)
     sc_r = bounds_to_range(scaling_bounds, 1.0, 3)
     tr_r = bounds_to_range(translation_bounds, 0.0, 3)
-    rotation = _uniform(k_rot, rot_r) if rot_r is not None else jnp.zeros(3, jnp.float32)
-    shearing = _uniform(k_sh, sh_r) if sh_r is not None else jnp.zeros(6, jnp.float32)
-    scaling = _uniform(k_sc, sc_r) if sc_r is not None else jnp.ones(3, jnp.float32)
-    translation = _uniform(k_tr, tr_r) if tr_r is not None else jnp.zeros(3, jnp.float32)
+    rotation = _scale(u[0:3], rot_r) if rot_r is not None else jnp.zeros(3, jnp.float32)
+    shearing = _scale(u[3:9], sh_r) if sh_r is not None else jnp.zeros(6, jnp.float32)
+    scaling = _scale(u[9:12], sc_r) if sc_r is not None else jnp.ones(3, jnp.float32)
+    translation = _scale(u[12:15], tr_r) if tr_r is not None else jnp.zeros(3, jnp.float32)
     matrix = jnp.diag(scaling) @ shearing_matrix(shearing) @ rotation_matrix(rotation)
     return dict(rotation=rotation, scaling=scaling, shearing=shearing, translation=translation,
                 matrix=matrix)
