@@ -152,6 +152,24 @@ def test_default_yaml_is_the_dataclass_and_the_published_setup():
     hash(build_params(cfg))
 
 
+@needs_data
+@pytest.mark.parametrize('name', ['synthseg_1.0', 'contrast_specific_t1', 'fast'])
+def test_other_generator_configs(name):
+    cfg = load_config(name)
+    p = build_params(cfg)
+    base = GeneratorConfig()
+    changed = {f for f in cfg.__dataclass_fields__ if getattr(cfg, f) != getattr(base, f)}
+    expected = {'synthseg_1.0': {'output_labels'},
+                'contrast_specific_t1': {'prior_distributions', 'generation_classes', 'prior_means', 'prior_stds',
+                                         'randomise_res', 'data_res', 'thickness'},
+                'fast': {'nonlin_integration_factor'}}[name]
+    assert changed == expected
+    if name == 'contrast_specific_t1':
+        assert p.n_classes == 25 and np.asarray(p.prior_means).shape == (2, 25)
+    if name == 'synthseg_1.0':
+        assert len(p.segmentation_labels) == 32 and 24 not in p.segmentation_labels
+
+
 def write_nifti(path, data, zooms=(1.0, 1.0, 1.0)):
     import nibabel as nib
     nib.save(nib.Nifti1Image(data, np.diag(list(zooms) + [1.0])), path)
