@@ -2,8 +2,11 @@
 segmentation target overlaid.
 
     python -m generator.preview [label_dir=DIR] [n=4] [out=generator_preview.png] [seed=0]
-                                [config=default] [any generator parameter override, e.g.
+                                [config=default] [max_maps=N] [alpha=0.12]
+                                [any generator parameter override, e.g.
                                  output_shape=[96,96,96] randomise_res=false]
+
+Labels are drawn as coloured boundaries over a light tint (``alpha``) of each structure.
 
 Run it on your own label maps before training: if the images do not look like brain MRI of
 random contrast, or the labels do not sit on the anatomy, something is wrong.
@@ -19,7 +22,7 @@ PREVIEW_KEYS = ('n', 'out', 'seed', 'config', 'max_maps', 'alpha')
 
 
 def _parse(argv):
-    opts = dict(n='4', out='generator_preview.png', seed='0', config='default', max_maps='0', alpha='0.35')
+    opts = dict(n='4', out='generator_preview.png', seed='0', config='default', max_maps='0', alpha='0.12')
     overrides = []
     for a in argv:
         if a in ('-h', '--help'):
@@ -43,7 +46,7 @@ def label_colours(n: int, seed: int = 3) -> np.ndarray:
     return cols
 
 
-def render(images, targets, seg_labels, out_path, titles=None, alpha=0.35, targets_are_indices=False):
+def render(images, targets, seg_labels, out_path, titles=None, alpha=0.12, targets_are_indices=False):
     """Write a grid: one row per sample, three columns (sagittal, coronal, axial mid-slices) of
     the first image channel with the target (label values, or softmax indices) in colour on top."""
     import matplotlib
@@ -64,9 +67,13 @@ def render(images, targets, seg_labels, out_path, titles=None, alpha=0.35, targe
             ax = axes[r, j]
             # RAS voxel axes: show with the second axis vertical, superior/anterior up
             ax.imshow(np.rot90(sl_im), cmap='gray', vmin=0, vmax=1, interpolation='nearest')
+            # label boundaries in colour (opaque), label interiors lightly tinted
+            edge = np.zeros(sl_tg.shape, bool)
+            edge[1:] |= sl_tg[1:] != sl_tg[:-1]
+            edge[:, 1:] |= sl_tg[:, 1:] != sl_tg[:, :-1]
             rgba = np.zeros(sl_tg.shape + (4,))
             rgba[..., :3] = cols[sl_tg]
-            rgba[..., 3] = np.where(sl_tg > 0, alpha, 0.0)
+            rgba[..., 3] = np.where(sl_tg > 0, np.where(edge, 0.9, alpha), 0.0)
             ax.imshow(np.rot90(rgba), interpolation='nearest')
             ax.set_xticks([]), ax.set_yticks([])
             if r == 0:
@@ -101,7 +108,8 @@ def main(argv=None):
         dt = time.perf_counter() - t
         ch = info['channels'][0]
         res = np.asarray(ch['resolution']) if 'resolution' in ch else None
-        titles.append(f"map {idx}" + (f", res {np.round(res, 1).tolist()} mm" if res is not None else "")
+        res_txt = None if res is None else 'x'.join(f'{v:.1f}' for v in res)
+        titles.append(f"map {idx}" + (f", {res_txt} mm" if res is not None else "")
                       + (", flipped" if bool(info.get('flipped', False)) else ""))
         print(f"sample {i}: {titles[-1]} ({dt:.1f} s)")
         images.append(im), targets.append(np.asarray(tg))
