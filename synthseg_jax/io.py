@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
-import warnings
 from collections.abc import Iterator
 
 import nibabel as nib
@@ -282,7 +281,14 @@ def temporary_path(path: str) -> str:
     ext = image_extension(path) or os.path.splitext(path)[1]
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=f".tmp{ext}", dir=directory)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it a normal file's mode
     return tmp
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def ensure_directory(path: str) -> None:
@@ -294,6 +300,23 @@ def ensure_directory(path: str) -> None:
         raise ScanError(f"{path}: cannot create output folder {directory} ({err.strerror or err})") from None
     if not os.access(directory, os.W_OK | os.X_OK):
         raise ScanError(f"{path}: output folder {directory} is not writable")
+
+
+def check_writable(path: str) -> None:
+    """Fail early (``ScanError``) if ``path`` could not be written, without creating anything:
+    the nearest existing folder above it must be a writable folder, and ``path`` not a folder."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        raise ScanError(f"{path}: is a folder, a file name is needed")
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ScanError(f"{path}: cannot write, {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ScanError(f"{path}: cannot write, folder {parent} is not writable")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise ScanError(f"{path}: cannot write, the file exists and is read-only")
 
 
 class AtomicWriter:
@@ -366,7 +389,3 @@ def save_image(data: np.ndarray, affine: np.ndarray, header, path: str, dtype=np
     with AtomicWriter() as writer:
         writer.image(data, affine, header, path, dtype)
         writer.commit()
-
-
-def warn(message: str) -> None:
-    warnings.warn(message, stacklevel=2)

@@ -1,0 +1,240 @@
+"""The network part of the pipeline as ONE jit-compiled function per padded input shape.
+
+What it computes is what ``mri_synthseg``'s ``build_model`` wires up in Keras:
+
+* 1.0 / 2.0: softmax, Gaussian blur (sigma 0.5) of the posteriors; unless ``fast``, the same on the
+  left-right flipped image, flipped back with left/right channels swapped, and the two averaged;
+* robust: the three-stage cascade (argmax/one-hot between stages), softmax, no blur, no flip;
+* parcellation: argmax of the segmentation -> cortex mask -> parcellation U-Net on image + mask ->
+  softmax -> blur;
+* QC: argmax of the segmentation -> ``MakeShape`` crop (224^3) -> one-hot QC classes -> regressor.
+
+In fast mode the original returns (and feeds QC with) different tensors depending on which extra
+outputs are requested; ``Predictor`` reproduces those choices (see ``_forward``).
+
+Compiled executables are cached by padded shape; each compilation is logged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from synthseg_jax.labels import LabelTableError, LabelTables
+from synthseg_jax.nn.synthseg import QC_CROP_SIZE, crop_around_labels, parcellation_input
+from synthseg_jax.weights.keras_h5 import WeightFileError
+from synthseg_jax.weights.models_dir import MODEL_FILES, ModelsDir
+
+log = logging.getLogger("synthseg_jax.inference")
+
+POSTERIOR_BLUR_SIGMA = 0.5
+
+
+class ModelError(ValueError):
+    """A models/labels folder that cannot serve the requested mode (one line naming the file)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    """Which of the original's networks and options a run uses."""
+
+    robust: bool = False
+    fast: bool = False
+    v1: bool = False
+    parc: bool = False
+    qc: bool = False
+
+    def __post_init__(self) -> None:
+        if self.robust and self.v1:
+            raise ValueError("robust cannot be combined with v1: SynthSeg-robust only exists for 2.0")
+
+    @property
+    def is_fast(self) -> bool:
+        """The original turns fast on for robust."""
+        return self.fast or self.robust
+
+    @property
+    def flip(self) -> bool:
+        return not self.is_fast
+
+    @property
+    def version(self) -> str:
+        return "1.0" if self.v1 else "2.0"
+
+    @property
+    def segmenter_kind(self) -> str:
+        return "robust" if self.robust else self.version
+
+    def describe(self) -> str:
+        name = "SynthSeg-robust 2.0" if self.robust else f"SynthSeg {self.version}"
+        if self.fast and not self.robust:
+            name += " (fast)"
+        extras = [e for e, on in (("parcellation", self.parc), ("QC", self.qc)) if on]
+        return name + (" + " + " + ".join(extras) if extras else "")
+
+
+@dataclasses.dataclass
+class Networks:
+    """The modules and weights a mode needs, with the label tables of its version."""
+
+    tables: LabelTables
+    segmenter: nn.Module
+    variables: dict[str, Any]                 # {"seg": ..., "parc": ..., "qc": ...}
+    parc: nn.Module | None = None
+    qc: nn.Module | None = None
+
+
+def load_networks(models_dir: str, mode: Mode, labels_dir: str | None = None) -> Networks:
+    """Read every network ``mode`` needs from a FreeSurfer-style models folder.
+
+    Any missing or unusable file is a ``ModelError`` naming it, raised before anything is written.
+    """
+    if not os.path.isdir(models_dir):
+        raise ModelError(f"{models_dir}: models folder not found")
+    if labels_dir is not None and not os.path.isdir(labels_dir):
+        raise ModelError(f"{labels_dir}: labels folder not found")
+    models = ModelsDir(models_dir, labels_dir=labels_dir)
+    kinds = [mode.segmenter_kind] + (["parc"] if mode.parc else []) + (["qc"] if mode.qc else [])
+    loaded = {}
+    kind = "labels"
+    try:
+        tables = models.labels(mode.version)
+        for kind in kinds:
+            loaded[kind] = models.load_network(kind)
+    except (WeightFileError, LabelTableError) as err:
+        raise ModelError(str(err).splitlines()[0]) from None
+    except (OSError, KeyError, ValueError) as err:
+        raise ModelError(f"{models_dir}: cannot load {MODEL_FILES.get(kind, kind)} ({err})") from None
+    seg_module, seg_vars = loaded[mode.segmenter_kind]
+    variables = {"seg": seg_vars}
+    parc_module = qc_module = None
+    if mode.parc:
+        parc_module, variables["parc"] = loaded["parc"]
+    if mode.qc:
+        qc_module, variables["qc"] = loaded["qc"]
+    return Networks(tables=tables, segmenter=seg_module, variables=variables, parc=parc_module,
+                    qc=qc_module)
+
+
+# ------------------------------------------------------------------------------------------------
+# Building blocks
+# ------------------------------------------------------------------------------------------------
+
+def gaussian_weights(sigma: float) -> np.ndarray:
+    """The original's fixed blur kernel along one axis: width ceil(2.5 sigma) rounded to odd,
+    normalised (its 3-D kernel is the outer product of these)."""
+    half = int(np.ceil(2.5 * sigma) / 2)
+    x = np.arange(-half, half + 1, dtype=np.float64)
+    w = np.exp(-x**2 / (2 * sigma**2))
+    return (w / w.sum()).astype(np.float32)
+
+
+def gaussian_blur(x: jax.Array, sigma: float = POSTERIOR_BLUR_SIGMA) -> jax.Array:
+    """Separable blur over the spatial axes of (B, X, Y, Z, C), zero padding ('SAME' convolution)."""
+    weights = gaussian_weights(sigma)
+    half = len(weights) // 2
+    if half == 0:
+        return x
+    for axis in (1, 2, 3):
+        n = x.shape[axis]
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (half, half)
+        padded = jnp.pad(x, widths)
+        x = sum(float(w) * jax.lax.slice_in_dim(padded, i, i + n, axis=axis)
+                for i, w in enumerate(weights))
+    return x
+
+
+def qc_one_hot(seg_index: jax.Array, qc_class: jax.Array, n_qc: int, size: int) -> jax.Array:
+    """(B, X, Y, Z) segmentation indices -> one-hot QC classes of the ``size``^3 MakeShape crop."""
+    cropped = jax.vmap(lambda s: crop_around_labels(s, size))(seg_index)
+    return jax.nn.one_hot(qc_class[cropped], n_qc, dtype=jnp.float32)
+
+
+@dataclasses.dataclass
+class NetworkOutput:
+    posteriors: np.ndarray                 # (X, Y, Z, n_labels) float32, padded grid
+    parc_posteriors: np.ndarray | None     # (X, Y, Z, n_parc) float32
+    qc_scores: np.ndarray | None           # (n_qc,) raw regressor outputs
+
+
+class Predictor:
+    """Runs the networks of one mode; one compiled executable per padded shape, kept for reuse."""
+
+    def __init__(self, networks: Networks, mode: Mode, qc_crop_size: int = QC_CROP_SIZE) -> None:
+        self.networks = networks
+        self.mode = mode
+        self.qc_crop_size = qc_crop_size
+        tables = networks.tables
+        self._flip = jnp.asarray(tables.flip, dtype=jnp.int32)
+        self._labels = jnp.asarray(tables.segmentation, dtype=jnp.int32)
+        self._qc_class = jnp.asarray(tables.qc_class, dtype=jnp.int32)
+        self._n_qc = int(tables.n_qc)
+        self._variables = jax.device_put(networks.variables)
+        self._compiled: dict[tuple[int, ...], Any] = {}
+        self.compile_seconds: dict[tuple[int, ...], float] = {}
+
+    # The traced function -------------------------------------------------------------------
+    def _forward(self, variables: dict[str, Any], image: jax.Array) -> dict[str, jax.Array]:
+        mode, nets = self.mode, self.networks
+        x = image[None, ..., None]
+
+        def segment(inp: jax.Array) -> jax.Array:
+            return jax.nn.softmax(nets.segmenter.apply(variables["seg"], inp), axis=-1)
+
+        if mode.robust:
+            seg_out = parc_in = qc_in = segment(x)
+        else:
+            raw = segment(x)
+            blurred = gaussian_blur(raw)
+            if mode.flip:
+                flipped = gaussian_blur(segment(jnp.flip(x, axis=1)))
+                back = jnp.take(jnp.flip(flipped, axis=1), self._flip, axis=-1)
+                seg_out = parc_in = qc_in = 0.5 * (blurred + back)
+            else:
+                # fast: the original's outputs are its 'unet_prediction' layer (before the blur)
+                # whenever parcellation or QC is requested, the blurred tensor otherwise; the
+                # parcellation always sees the blurred one, QC the blurred one only without parc.
+                seg_out = raw if (mode.parc or mode.qc) else blurred
+                parc_in = blurred
+                qc_in = raw if mode.parc else blurred
+
+        out = {"seg": seg_out[0]}
+        if mode.parc:
+            parc_x = parcellation_input(x, jnp.argmax(parc_in, axis=-1), self._labels)
+            parc_logits = nets.parc.apply(variables["parc"], parc_x)
+            out["parc"] = gaussian_blur(jax.nn.softmax(parc_logits, axis=-1))[0]
+        if mode.qc:
+            onehot = qc_one_hot(jnp.argmax(qc_in, axis=-1), self._qc_class, self._n_qc,
+                                self.qc_crop_size)
+            out["qc"] = nets.qc.apply(variables["qc"], onehot)[0]
+        return out
+
+    # Compilation cache -----------------------------------------------------------------------
+    def compiled(self, shape: tuple[int, ...]):
+        shape = tuple(int(s) for s in shape)
+        if shape not in self._compiled:
+            log.info("compiling %s for padded shape %s", self.mode.describe(), shape)
+            start = time.perf_counter()
+            spec = jax.ShapeDtypeStruct(shape, jnp.float32)
+            self._compiled[shape] = jax.jit(self._forward).lower(self._variables, spec).compile()
+            self.compile_seconds[shape] = time.perf_counter() - start
+            log.info("compiled in %.1f s (%d shape(s) cached)", self.compile_seconds[shape],
+                     len(self._compiled))
+        return self._compiled[shape]
+
+    def __call__(self, image: np.ndarray) -> NetworkOutput:
+        image = np.asarray(image, dtype=np.float32)
+        out = self.compiled(image.shape)(self._variables, image)
+        out = jax.device_get(out)
+        return NetworkOutput(posteriors=np.asarray(out["seg"]),
+                             parc_posteriors=np.asarray(out["parc"]) if "parc" in out else None,
+                             qc_scores=np.asarray(out["qc"]) if "qc" in out else None)
