@@ -1,0 +1,168 @@
+"""Bad input: one clear line naming the file and the problem, no traceback, no partial output."""
+
+import io
+import os
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from synthseg_jax.inference import pipeline
+from synthseg_jax.inference.pipeline import Options, run
+
+FAST = dict(min_pad=32, qc_crop_size=16, progress=False)
+
+
+def call(**kw):
+    out, err = io.StringIO(), io.StringIO()
+    code = run(Options(**{**FAST, **kw}), stdout=out, stderr=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def error_lines(stderr):
+    return [l for l in stderr.splitlines() if l.startswith("ERROR")]
+
+
+def check_failure(code, stdout, stderr, *expected):
+    assert code == 1
+    lines = error_lines(stderr)
+    assert len(lines) == 1, stderr
+    for text in expected:
+        assert text in lines[0], lines[0]
+    assert "Traceback" not in stdout + stderr
+
+
+def nifti(path, data, affine=None):
+    nib.save(nib.Nifti1Image(np.asarray(data), np.eye(4) if affine is None else affine), str(path))
+    return str(path)
+
+
+def good_data(shape=(28, 30, 26), seed=0):
+    return np.random.default_rng(seed).uniform(1, 100, shape).astype(np.float32)
+
+
+@pytest.fixture
+def dirs(models_dir, labels_dir):
+    return dict(models_dir=models_dir, labels_dir=labels_dir)
+
+
+def bad_scan(tmp_path, kind):
+    path = tmp_path / "in" / "scan.nii.gz"
+    path.parent.mkdir()
+    if kind == "missing":
+        return str(path), "file not found"
+    if kind == "corrupt":
+        path.write_bytes(os.urandom(3000))
+        return str(path), "cannot read image"
+    if kind == "truncated":
+        nifti(path, good_data((40, 40, 40)))
+        blob = path.read_bytes()
+        path.write_bytes(blob[: len(blob) // 2])
+        return str(path), "cannot read image"
+    if kind == "2d":
+        return nifti(path, good_data((30, 28))), "a 3-D scan is needed"
+    if kind == "5d":
+        return nifti(path, good_data((20, 20, 20, 2, 3))), "5 dimensions"
+    if kind == "nan":
+        data = good_data()
+        data[5:7, 5, 5] = np.nan
+        return nifti(path, data), "2 NaN or infinite"
+    if kind == "zero":
+        return nifti(path, np.zeros((28, 30, 26), np.float32)), "all zero"
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["missing", "corrupt", "truncated", "2d", "5d", "nan", "zero"])
+def test_bad_scan(tmp_path, dirs, kind):
+    src, problem = bad_scan(tmp_path, kind)
+    out = tmp_path / "out"
+    code, stdout, stderr = call(i=src, o=str(out / "seg.nii.gz"), vol=str(out / "v.csv"),
+                                post=str(out / "post.nii.gz"), **dirs)
+    check_failure(code, stdout, stderr, src, problem)
+    assert not out.exists()
+
+
+def test_unwritable_output(tmp_path, dirs):
+    src = nifti(tmp_path / "s.nii.gz", good_data())
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    code, stdout, stderr = call(i=src, o=str(blocker / "sub" / "seg.nii.gz"), **dirs)
+    check_failure(code, stdout, stderr, str(blocker / "sub" / "seg.nii.gz"), "is a file, not a folder")
+    # an output that is an existing folder where a file is needed
+    (tmp_path / "dir.nii.gz").mkdir()
+    code, stdout, stderr = call(i=src, o=str(tmp_path / "o.nii.gz"),
+                                post=str(tmp_path / "dir.nii.gz"), **dirs)
+    check_failure(code, stdout, stderr, "dir.nii.gz", "is a folder")
+    assert not (tmp_path / "o.nii.gz").exists()
+    # a CSV that cannot be written stops the run before any scan
+    code, stdout, stderr = call(i=src, o=str(tmp_path / "o.nii.gz"), vol=str(blocker / "v.csv"), **dirs)
+    check_failure(code, stdout, stderr, str(blocker / "v.csv"))
+    assert sorted(os.listdir(tmp_path)) == ["afile", "dir.nii.gz", "s.nii.gz"]
+
+
+@pytest.mark.parametrize("case", ["folder-to-file", "file-to-txt", "txt-to-file", "folder-to-png"])
+def test_input_and_output_of_different_kinds(tmp_path, dirs, case):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    src = nifti(folder / "s.nii.gz", good_data())
+    (tmp_path / "list.txt").write_text(src + "\n")
+    i, kw = {
+        "folder-to-file": (str(folder), dict(o=str(tmp_path / "seg.nii.gz"))),
+        "file-to-txt": (src, dict(o=str(tmp_path / "seg.txt"))),
+        "txt-to-file": (str(tmp_path / "list.txt"), dict(o=str(tmp_path / "seg.nii.gz"))),
+        "folder-to-png": (str(folder), dict(o=str(tmp_path / "o"), overlay=str(tmp_path / "x.png"))),
+    }[case]
+    code, stdout, stderr = call(i=i, **kw, **dirs)
+    check_failure(code, stdout, stderr)
+    assert sorted(os.listdir(tmp_path)) == ["list.txt", "scans"]
+
+
+def test_unsupported_input_type_and_empty_folder(tmp_path, dirs):
+    (tmp_path / "scan.img").write_bytes(b"x")
+    code, stdout, stderr = call(i=str(tmp_path / "scan.img"), o=str(tmp_path / "o"), **dirs)
+    check_failure(code, stdout, stderr, "scan.img", "unsupported input")
+    (tmp_path / "empty").mkdir()
+    code, stdout, stderr = call(i=str(tmp_path / "empty"), o=str(tmp_path / "o"), **dirs)
+    check_failure(code, stdout, stderr, "no .nii, .nii.gz or .mgz image")
+
+
+@pytest.mark.parametrize("missing", ["synthseg_parc_2.0.h5", "synthseg_2.0.h5", "synthseg_qc_2.0.h5"])
+def test_models_dir_lacking_a_file(tmp_path, dirs, missing):
+    models = tmp_path / "models"
+    shutil.copytree(dirs["models_dir"], models)
+    os.unlink(models / missing)
+    src = nifti(tmp_path / "s.nii.gz", good_data())
+    code, stdout, stderr = call(i=src, o=str(tmp_path / "out" / "s.nii.gz"), vol=str(tmp_path / "v.csv"),
+                                parc=True, qc=str(tmp_path / "q.csv"), models_dir=str(models),
+                                labels_dir=dirs["labels_dir"])
+    check_failure(code, stdout, stderr, str(models / missing), "missing")
+    assert sorted(os.listdir(tmp_path)) == ["models", "s.nii.gz"]
+
+
+def test_corrupt_weights_and_missing_labels(tmp_path, dirs):
+    models = tmp_path / "models"
+    shutil.copytree(dirs["models_dir"], models)
+    (models / "synthseg_2.0.h5").write_bytes(b"not hdf5")
+    src = nifti(tmp_path / "s.nii.gz", good_data())
+    code, stdout, stderr = call(i=src, o=str(tmp_path / "o.nii.gz"), models_dir=str(models),
+                                labels_dir=dirs["labels_dir"])
+    check_failure(code, stdout, stderr, "synthseg_2.0.h5", "not a readable HDF5")
+    code, stdout, stderr = call(i=src, o=str(tmp_path / "o.nii.gz"), models_dir=dirs["models_dir"],
+                                labels_dir=str(tmp_path))
+    check_failure(code, stdout, stderr, "synthseg_segmentation_labels_2.0.npy")
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_failure_while_writing_leaves_no_partial_output(tmp_path, dirs, monkeypatch):
+    src = nifti(tmp_path / "s.nii.gz", good_data())
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pipeline, "overlay_png", broken)
+    out = tmp_path / "out"
+    code, stdout, stderr = call(i=src, o=str(out / "seg.nii.gz"), post=str(out / "p.nii.gz"),
+                                vol=str(out / "v.csv"), overlay=str(out / "o.png"), fast=True, **dirs)
+    check_failure(code, stdout, stderr, src, "OSError: disk full")
+    assert os.listdir(out) == []  # the folder was made for the temporaries, which are gone
