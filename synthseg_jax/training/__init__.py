@@ -1,0 +1,13 @@
+"""Training of the SynthSeg networks (issue 5): losses, the jitted data-parallel step, orbax
+checkpoints with exact resume and Keras/models-folder export, and the loop ``train.py`` runs.
+
+Modules: :mod:`.losses` (weighted L2, soft Dice, QC regression), :mod:`.tasks` (what each model
+kind trains on), :mod:`.step` (train state, optimiser, sharded step), :mod:`.checkpoint`,
+:mod:`.validation` (held-out synthetic images, MNI T1), :mod:`.loop`.
+"""
+
+
+def run(cfg):
+    """Train as configured by ``configs/train.yaml`` (see :func:`synthseg_jax.training.loop.run`)."""
+    from synthseg_jax.training.loop import run as _run
+    return _run(cfg)

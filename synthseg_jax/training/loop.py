@@ -1,0 +1,423 @@
+"""The training loop: generator -> step -> logging -> validation -> checkpoints -> curves.
+
+``run(cfg)`` takes the composed Hydra config (``configs/train.yaml``) and returns a summary dict.
+Files written in the run folder (the Hydra output folder unless ``train.out_dir`` is set):
+
+``config.yaml``        the resolved configuration
+``checkpoints/<step>`` orbax checkpoints (every ``train.checkpoint_every`` steps, last N kept)
+``metrics.csv``        one row per step: step, phase, loss, gradient norm, seconds
+``validation.csv``     one row per validation: step, phase, synthetic Dice (or QC error), MNI Dice
+``curves.png``         loss and validation curves
+``export/<file>.h5``   the final weights in Keras' layout (``synthseg_2.0.h5`` etc.)
+
+Scalars go to CSV rather than TensorBoard event files: writing event files needs TensorFlow or
+tensorboardX (protobuf) in an environment that otherwise has neither, while a CSV is appended
+atomically line by line, can be cut back exactly to a resumed step, and is read by anything
+(pandas, a spreadsheet, ``curves.png`` here). ``python -m synthseg_jax.training.loop plot RUN``
+redraws the curves.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+import time
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from generator.sampler import GeneratorConfig, resolve_path
+from synthseg_jax.training import checkpoint as ckpt
+from synthseg_jax.training import step as st
+from synthseg_jax.training.tasks import ModelSpec, Task, load_training_data
+from synthseg_jax.training.validation import load_mni, mask_dice
+from synthseg_jax.weights.keras_h5 import (BATCHNORM_WEIGHTS, CONV_WEIGHTS, WeightFileError,
+                                           keras_layer_paths, read_keras_h5)
+from synthseg_jax.weights.models_dir import MODEL_FILES
+
+METRIC_FIELDS = ("step", "phase", "loss", "grad_norm", "seconds")
+VALIDATION_FIELDS = ("step", "phase", "synthetic", "mni_wm", "mni_gm")
+
+
+# --------------------------------------------------------------------------- config helpers
+
+def _container(cfg) -> dict:
+    from omegaconf import DictConfig, OmegaConf
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return dict(cfg)
+
+
+def output_dir(cfg: Mapping) -> str:
+    out = cfg["train"].get("out_dir")
+    if out:
+        return os.path.abspath(out)
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        return HydraConfig.get().runtime.output_dir
+    except Exception:  # noqa: BLE001 - not running under Hydra
+        return os.getcwd()
+
+
+def enable_compilation_cache(path: str | None) -> None:
+    """XLA's persistent compilation cache: a restarted or resumed run skips recompiling."""
+    if path:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+# --------------------------------------------------------------------------- CSV logging
+
+class CsvLog:
+    """Append-only CSV; on resume, rows after the restored step are dropped first."""
+
+    def __init__(self, path: str, fields, keep_until: int | None, enabled: bool = True):
+        self.path, self.fields, self.enabled = path, tuple(fields), enabled
+        if not enabled:
+            return
+        rows = []
+        if keep_until is not None and os.path.isfile(path):
+            with open(path, newline="") as fh:
+                rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= keep_until]
+        with open(path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, self.fields)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def write(self, **row) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", newline="") as fh:
+            csv.DictWriter(fh, self.fields).writerow(
+                {k: (f"{v:.9g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def read_csv(path: str) -> list[dict]:
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def plot_curves(run_dir: str, out: str | None = None) -> str | None:
+    """``curves.png``: training loss (raw and smoothed) and validation scores against steps."""
+    rows = read_csv(os.path.join(run_dir, "metrics.csv"))
+    if not rows:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    vals = read_csv(os.path.join(run_dir, "validation.csv"))
+    fig, (ax_l, ax_v) = plt.subplots(1, 2, figsize=(11, 4))
+    for phase in dict.fromkeys(r["phase"] for r in rows):
+        sel = [r for r in rows if r["phase"] == phase]
+        x = np.array([int(r["step"]) for r in sel])
+        y = np.array([float(r["loss"]) for r in sel])
+        line, = ax_l.plot(x, y, alpha=0.3, lw=0.8)
+        if len(y) >= 10:
+            w = max(len(y) // 50, 5)
+            smooth = np.convolve(y, np.ones(w) / w, mode="valid")
+            ax_l.plot(x[w - 1:], smooth, color=line.get_color(), label=f"{phase} (mean of {w})")
+        else:
+            line.set_alpha(1.0)
+            line.set_label(phase)
+    ax_l.set_xlabel("step")
+    ax_l.set_ylabel("training loss")
+    ax_l.set_yscale("log")
+    ax_l.legend()
+    labels = {"synthetic": "held-out synthetic", "mni_wm": "MNI white matter",
+              "mni_gm": "MNI grey matter"}
+    for key, label in labels.items():
+        pts = [(int(r["step"]), float(r[key])) for r in vals if r.get(key) not in (None, "")]
+        if pts:
+            ax_v.plot(*zip(*pts), marker="o", label=label)
+    qc = bool(vals) and vals[0].get("phase") == "qc"
+    ax_v.set_xlabel("step")
+    ax_v.set_ylabel("mean absolute error of predicted Dice" if qc else "Dice")
+    if vals:
+        ax_v.legend()
+    fig.suptitle(os.path.basename(os.path.normpath(run_dir)))
+    fig.tight_layout()
+    out = out or os.path.join(run_dir, "curves.png")
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+# --------------------------------------------------------------------------- initial weights
+
+def load_h5_subset(path: str, variables: Mapping) -> dict:
+    """Weights of every layer of ``variables`` from a Keras file that may hold more networks
+    (e.g. one stage of ``synthseg_robust_2.0.h5``). Missing layers or shape mismatches are errors."""
+    file_layers = read_keras_h5(path)
+    out = jax.tree_util.tree_map(np.asarray, {k: dict(v) for k, v in variables.items()})
+    for layer, layer_path in keras_layer_paths(variables).items():
+        if layer not in file_layers:
+            raise WeightFileError(f"{path}: layer '{layer}' is missing from the file")
+        node = variables["params"]
+        for key in layer_path:
+            node = node[key]
+        mapping = BATCHNORM_WEIGHTS if "scale" in node else CONV_WEIGHTS
+        for keras_name, (collection, flax_name) in mapping.items():
+            target = out[collection]
+            for key in layer_path:
+                target = target[key]
+            value = file_layers[layer].get(keras_name)
+            if value is None or value.shape != target[flax_name].shape:
+                raise WeightFileError(
+                    f"{path}: layer '{layer}' weight '{keras_name}' has shape "
+                    f"{None if value is None else value.shape}, the network expects "
+                    f"{target[flax_name].shape}")
+            target[flax_name] = np.asarray(value, np.float32)
+    return out
+
+
+def initial_variables(module, task: Task, init: str | None, seed: int) -> dict:
+    """Keras-style random weights, or (fine-tuning) weights from a ``.h5`` file or a run."""
+    variables = st.init_variables(module, task.in_channels, seed)
+    if not init:
+        return variables
+    init = os.path.expanduser(str(init))
+    if init.endswith(".h5"):
+        return load_h5_subset(init, variables)
+    loaded, _ = ckpt.load_model(init)
+    shapes = jax.tree_util.tree_map(np.shape, variables)
+    if jax.tree_util.tree_map(np.shape, loaded) != shapes:
+        raise ValueError(f"{init}: the checkpoint's network differs from the configured one")
+    return loaded
+
+
+def freeze_patterns(train_cfg: Mapping) -> list[str]:
+    patterns = list(train_cfg.get("freeze") or [])
+    levels = int(train_cfg.get("freeze_levels") or 0)
+    for level in range(levels):
+        patterns += [f"_conv_downarm_{level}_", f"_bn_down_{level}$",
+                     f"_expand_down_merge_{level}$"]
+    return patterns
+
+
+# --------------------------------------------------------------------------- the run
+
+class Run:
+    """Everything a run needs, built once from the config (also used by tests/benchmarks)."""
+
+    def __init__(self, cfg: Mapping, out_dir: str | None = None):
+        cfg = _container(cfg)
+        self.cfg = cfg
+        train, val = cfg["train"], cfg.get("validation") or {}
+        self.out_dir = out_dir or output_dir(cfg)
+        enable_compilation_cache(train.get("compilation_cache"))
+        if train.get("distributed"):
+            jax.distributed.initialize()
+        self.spec = ModelSpec.from_dict(cfg["model"])
+        gcfg = GeneratorConfig.from_dict(cfg["generator"])
+        bad = [s for s in gcfg.output_shape if s % self.spec.size_multiple]
+        if bad:
+            raise ValueError(f"generator.output_shape {list(gcfg.output_shape)} must be a multiple "
+                             f"of {self.spec.size_multiple} for a {self.spec.nb_levels}-level network")
+        self.data = load_training_data(self.spec, gcfg, held_out=train.get("held_out") or (),
+                                       max_maps=train.get("max_maps"),
+                                       downsample=int(train.get("label_downsample") or 1),
+                                       label_dir=train.get("label_dir"))
+        self.task = Task(self.spec, self.data.gcfg)
+        self.module = self.task.module()
+        self.seed = int(cfg.get("seed", 0))
+        self.batch_size = int(train.get("batch_size", 1))
+        devices = jax.devices()
+        n_dev = int(train.get("devices") or 0) or len(devices)
+        n_dev = min(n_dev, len(devices))
+        if self.batch_size % n_dev:
+            raise ValueError(f"train.batch_size {self.batch_size} is not a multiple of the "
+                             f"{n_dev} devices; set train.devices or the batch size")
+        self.mesh = st.make_mesh(devices[:n_dev])
+        variables = initial_variables(self.module, self.task, train.get("init"), self.seed)
+        optim = dict(cfg.get("optim") or {})
+        optim.pop("name", None)
+        self.freeze = freeze_patterns(train)
+        self.tx = st.make_optimizer(**optim, freeze=self.freeze, params=variables["params"])
+        self.trainer = st.Trainer(self.module, self.tx, self.task.loss, self.mesh,
+                                  frozen_stats=self.freeze)
+        self.initial = st.create_state(variables, self.tx, self.seed)
+        maps = [self.data.train_maps] + ([self.data.val_maps] if self.data.val_maps is not None else [])
+        self.n_train = len(self.data.train_maps)
+        self.bank = jax.device_put(np.concatenate(maps), self.trainer.replicated)
+        self._batch = jax.jit(self._make_batch, out_shardings=(self.trainer.batch_sharding,) * 2)
+        self._eval = jax.jit(lambda v, x, y: self.task.evaluate(self.module.apply(v, x), y))
+        self._forward = jax.jit(lambda v, x: self.module.apply(v, x))
+        self.wl2_steps = int(train.get("wl2_steps", 0)) if "wl2" in self.task.phases else 0
+        self.total_steps = int(train["steps"])
+        self.val_cfg = val
+
+    # ---- data
+    def _make_batch(self, key, indices, bank):
+        keys = jax.random.split(key, indices.shape[0])
+        return jax.vmap(self.task.sample)(keys, bank[indices])
+
+    def batch(self, step: int, rng) -> tuple[jax.Array, jax.Array]:
+        """The training batch of ``step`` (a pure function of the run's key and the step)."""
+        k_pick, k_data = jax.random.split(jax.random.fold_in(rng, step))
+        idx = jax.random.randint(k_pick, (self.batch_size,), 0, self.n_train)
+        return self._batch(k_data, idx, self.bank)
+
+    def phase(self, step: int) -> str:
+        if self.task.phases == ("qc",):
+            return "qc"
+        return "wl2" if step < self.wl2_steps else "dice"
+
+    def metadata(self) -> dict:
+        import dataclasses
+        model = dataclasses.asdict(self.spec)
+        return {"model": model, "n_outputs": int(self.task.n_outputs),
+                "in_channels": int(self.task.in_channels),
+                "target_labels": [int(v) for v in self.task.target_labels],
+                "voxel_size": float(self.data.gcfg.atlas_res),
+                "crop": [int(s) for s in self.data.gcfg.output_shape],
+                "priors_dir": resolve_path(self.data.gcfg.priors_dir),
+                "train_maps": [os.path.basename(p) for p in self.data.train_paths],
+                "held_out": [os.path.basename(p) for p in self.data.val_paths]}
+
+    # ---- validation
+    def validation_set(self):
+        """Held-out synthetic pairs, drawn once with the validation seed (batch-sized chunks)."""
+        if self.data.val_maps is None or not int(self.val_cfg.get("n_per_map", 0)):
+            return []
+        n_val = len(self.data.val_maps)
+        per_map = int(self.val_cfg.get("n_per_map", 2))
+        base = jax.random.key(int(self.val_cfg.get("seed", 1234)))
+        items = [(self.n_train + i, jax.random.fold_in(jax.random.fold_in(base, i), j))
+                 for i in range(n_val) for j in range(per_map)]
+        chunks = []
+        for start in range(0, len(items), self.batch_size):
+            part = items[start:start + self.batch_size]
+            part = part + [part[-1]] * (self.batch_size - len(part))    # pad the last chunk
+            idx = jnp.asarray([i for i, _ in part], jnp.int32)
+            keys = jnp.stack([jax.random.key_data(k) for _, k in part])
+            chunks.append(self._batch_keys(keys, idx))
+        return chunks
+
+    def _batch_keys(self, keys, idx):
+        if not hasattr(self, "_batch_k"):
+            self._batch_k = jax.jit(
+                lambda k, i, b: jax.vmap(self.task.sample)(jax.vmap(jax.random.wrap_key_data)(k), b[i]),
+                out_shardings=(self.trainer.batch_sharding,) * 2)
+        return self._batch_k(keys, idx, self.bank)
+
+    def validate(self, state, chunks, mni) -> dict:
+        out = {}
+        variables = state.variables()
+        if chunks:
+            scores = [jax.device_get(self._eval(variables, x, y)) for x, y in chunks]
+            key = next(iter(scores[0]))
+            out["synthetic"] = float(np.mean([s[key] for s in scores]))
+        if mni is not None:
+            logits = self._forward(variables, mni.image)
+            labels = np.asarray(self.task.target_labels)[np.asarray(jnp.argmax(logits[0], -1))]
+            out["mni_wm"] = mask_dice(np.isin(labels, self.spec.mni_wm), mni.wm)
+            out["mni_gm"] = mask_dice(np.isin(labels, self.spec.mni_gm), mni.gm)
+        return out
+
+    def mni(self):
+        if not self.val_cfg.get("mni", False) or self.spec.kind != "segmenter" \
+                or not (self.spec.mni_wm and self.spec.mni_gm):
+            return None
+        return load_mni(self.data.gcfg.atlas_res, self.spec.size_multiple)
+
+
+def run(cfg) -> dict:
+    """Train as configured; resumes from the run folder's latest checkpoint when there is one."""
+    import logging
+    from tqdm import tqdm
+
+    logging.getLogger("absl").setLevel(logging.WARNING)   # orbax logs every save at INFO
+
+    r = Run(cfg)
+    cfg, train = r.cfg, r.cfg["train"]
+    main = jax.process_index() == 0
+    os.makedirs(r.out_dir, exist_ok=True)
+    if main:
+        from omegaconf import OmegaConf
+        OmegaConf.save(OmegaConf.create(cfg), os.path.join(r.out_dir, "config.yaml"))
+    manager = ckpt.make_manager(os.path.join(r.out_dir, ckpt.CHECKPOINT_SUBDIR),
+                                keep=train.get("keep_checkpoints", 3),
+                                async_save=bool(train.get("async_checkpointing", True)))
+    resume = str(train.get("resume", "auto"))
+    state = r.initial
+    start = 0
+    if resume in ("auto", "must") and manager.latest_step() is not None:
+        state = ckpt.restore_state(manager, state)
+        start = int(state.step)
+    elif resume == "must":
+        raise FileNotFoundError(f"{r.out_dir}: no checkpoint to resume from")
+    elif resume not in ("auto", "never", "must"):
+        raise ValueError(f"train.resume must be auto, never or must, not {resume!r}")
+    state = r.trainer.place_state(state)
+    metrics_log = CsvLog(os.path.join(r.out_dir, "metrics.csv"), METRIC_FIELDS, start, main)
+    val_log = CsvLog(os.path.join(r.out_dir, "validation.csv"), VALIDATION_FIELDS, start, main)
+    meta = r.metadata()
+    val_every = int(r.val_cfg.get("every", 0) or 0)
+    chunks = r.validation_set() if val_every else []
+    mni = r.mni() if val_every else None
+    ckpt_every = int(train.get("checkpoint_every", 1000))
+    rng = jax.random.wrap_key_data(jax.device_get(state.rng))
+    if main:
+        print(f"[train] {r.spec.name} ({r.spec.kind}): {r.n_train} training maps, "
+              f"crop {list(r.data.gcfg.output_shape)} at {r.data.gcfg.atlas_res:g} mm, "
+              f"batch {r.batch_size} on {r.trainer.n_devices} device(s), steps {start} -> "
+              f"{r.total_steps}, run folder {r.out_dir}", flush=True)
+    bar = tqdm(total=r.total_steps, initial=start, disable=not main or train.get("quiet", False),
+               dynamic_ncols=True, file=sys.stdout, mininterval=1.0)
+    last_val = {}
+    loss = float("nan")
+    t_run = time.perf_counter()
+    for step in range(start, r.total_steps):
+        phase = r.phase(step)
+        if step == r.wl2_steps and step > 0 and phase == "dice" and train.get("reset_optimizer_after_wl2", True):
+            # the original compiles a new model with a fresh Adam for the Dice phase
+            state = r.trainer.place_state(state.replace(opt_state=r.tx.init(state.params)))
+        t0 = time.perf_counter()
+        inputs, targets = r.batch(step, rng)
+        state, m = r.trainer.step(phase, state, inputs, targets)
+        loss = float(m["loss"])
+        seconds = time.perf_counter() - t0
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {step + 1} ({phase})")
+        metrics_log.write(step=step + 1, phase=phase, loss=loss, grad_norm=float(m["grad_norm"]),
+                          seconds=seconds)
+        bar.set_postfix_str(f"{phase} loss {loss:.4f}" + "".join(
+            f" {k} {v:.3f}" for k, v in last_val.items()), refresh=False)
+        bar.update(1)
+        done = step + 1
+        if val_every and (done % val_every == 0 or done == r.total_steps):
+            last_val = r.validate(state, chunks, mni)
+            val_log.write(step=done, phase=phase, **last_val)
+            if main:
+                plot_curves(r.out_dir)
+        if done % ckpt_every == 0 or done == r.total_steps:
+            ckpt.save(manager, state, meta)
+    bar.close()
+    manager.wait_until_finished()
+    manager.close()
+    summary = {"run_dir": r.out_dir, "steps": r.total_steps, "last_loss": loss,
+               "seconds": time.perf_counter() - t_run, **last_val}
+    if main:
+        plot_curves(r.out_dir)
+        if train.get("export_h5", True) and r.total_steps > start:
+            name = MODEL_FILES.get(r.spec.export, f"{r.spec.name}.h5")
+            if r.spec.export == "robust":
+                name = f"synthseg_robust_2.0_{r.spec.prefix}.h5"
+            path = os.path.join(r.out_dir, "export", name)
+            from synthseg_jax.weights.keras_h5 import save_keras_h5
+            save_keras_h5(jax.device_get(state.variables()), path)
+            summary["export"] = path
+        print(f"[train] done: {summary}", flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "plot":
+        print(plot_curves(sys.argv[2]))
+    else:
+        sys.exit("usage: python -m synthseg_jax.training.loop plot RUN_DIR")

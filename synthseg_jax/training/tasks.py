@@ -1,0 +1,491 @@
+"""What each trainable SynthSeg network sees: its inputs, targets, network and losses.
+
+One :class:`Task` per model kind (``configs/model/*.yaml``, key ``kind``):
+
+``segmenter``
+    SynthSeg 1.0 / 2.0, and the robust cascade's first stage (targets = the 5 denoiser groups):
+    a synthetic image from the generator -> label channel indices. Weighted L2 then soft Dice.
+``denoiser``
+    The robust cascade's label-to-label network (``l2l``): a corrupted one-hot group map -> the
+    clean group map. The original trains it on (S1 prediction, ground truth) pairs computed offline
+    from degraded real scans; we have no real scans, so the noisy input is the deformed ground truth
+    corrupted online (a small independent deformation, relabelled blobs, the original's random
+    erosion) -- see :func:`corrupt_labels`.
+``second``
+    The cascade's last segmenter (``unet2``): image + the one-hot groups of its own (deformed,
+    dilated/eroded) ground truth -> the 2.0 labels, as the original's ``training_group.py``.
+``parc``
+    The parcellation U-Net: image + one-hot cortex mask -> cortical parcels. There are no
+    parcellation label maps here: the parcels are *pseudo-parcellations* computed from each training
+    map's cortex (angular sectors around each hemisphere's centroid, :func:`pseudo_parcellation`),
+    which exercises the code path but does not teach a real atlas.
+``qc``
+    The QC regressor: one-hot QC classes of a corrupted segmentation (with the original's random
+    partial field of view) -> its per-class Dice against the ground truth (``training_qc.py``).
+
+Everything here is pure and jittable except the label-map loading at the bottom.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from generator import labels as glab
+from generator import spatial
+from generator.sampler import (GeneratorConfig, build_params, load_label_maps, list_label_maps,
+                               resolve_path, sample_with_info)
+from synthseg_jax.nn.synthseg import QCRegressor, Segmenter
+from synthseg_jax.nn.unet import EncoderConfig, UNetConfig
+from synthseg_jax.training import losses
+
+KINDS = ("segmenter", "denoiser", "second", "parc", "qc")
+# Group tables are written against the 2.0 segmentation labels (55 entries each).
+GROUP_TABLES = {"denoiser_2.0": "synthseg_denoiser_labels_2.0.npy",
+                "qc_2.0": "synthseg_qc_labels_2.0.npy",
+                "qc": "synthseg_qc_labels.npy"}
+SEGMENTATION_TABLE_2 = "synthseg_segmentation_labels_2.0.npy"
+SEGMENTATION_TABLE_1 = "synthseg_segmentation_labels.npy"
+PARCELLATION_TABLE = "synthseg_parcellation_labels.npy"
+CORTEX = (3, 42)
+
+
+@dataclasses.dataclass(frozen=True)
+class Corruption:
+    """How the noisy label maps of the denoiser and QC tasks are made from the ground truth."""
+
+    # independent small deformation of the noisy map (the original's group-training bounds)
+    scaling: float = 0.05
+    rotation: float = 3.0
+    shearing: float = 0.007
+    translation: float = 2.0
+    nonlin_std: float = 1.5
+    nonlin_scale: float = 0.04
+    # blobs (smooth random regions covering up to this fraction of the volume) get relabelled
+    blob_fraction: float = 0.15
+    blob_grid: int = 5
+    # the original's RandomDilationErosion on the noisy map (radii in mm)
+    erosion_prob: float = 0.3
+    erosion_min_mm: float = 4.0
+    erosion_max_mm: float = 5.0
+    # unet2 training: per-group dilation/erosion of the group masks
+    group_radius_mm: float = 1.0
+    group_prob: float = 0.9
+    group_deform_prob: float = 0.9
+    # QC partial field of view
+    fov_prob: float = 0.3
+    fov_min_mm: float = 70.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A network to train (``configs/model/<name>.yaml``, without the generator/train parts)."""
+
+    name: str = "synthseg_2.0"
+    kind: str = "segmenter"
+    export: str = "2.0"                 # key of models_dir.MODEL_FILES this network belongs to
+    prefix: str = "unet"
+    labels: Any = "2.0"                 # target labels: '1.0', '2.0', 'denoiser_2.0', 'qc_2.0', ...
+    groups: str = "denoiser_2.0"        # second / denoiser: the group table
+    nb_features: int = 24
+    nb_levels: int = 5
+    conv_size: int = 3
+    nb_conv_per_level: int = 2
+    feat_mult: int = 2
+    activation: str = "elu"
+    batch_norm: bool = True
+    skip_n_concatenations: int = 0
+    corruption: Corruption = Corruption()
+    # label values (of the target table) counted as white / grey matter in the MNI validation
+    mni_wm: tuple = ()
+    mni_gm: tuple = ()
+
+    @classmethod
+    def from_dict(cls, d) -> "ModelSpec":
+        d = _plain(d)
+        d = dict(d or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown model parameter(s): {', '.join(unknown)}")
+        corruption = d.pop("corruption", None) or {}
+        bad = sorted(set(corruption) - {f.name for f in dataclasses.fields(Corruption)})
+        if bad:
+            raise ValueError(f"unknown corruption parameter(s): {', '.join(bad)}")
+        for key in ("mni_wm", "mni_gm"):
+            if key in d:
+                d[key] = tuple(int(v) for v in (d[key] or ()))
+        if isinstance(d.get("labels"), list):
+            d["labels"] = tuple(d["labels"])
+        spec = cls(corruption=Corruption(**corruption), **d)
+        if spec.kind not in KINDS:
+            raise ValueError(f"unknown model kind {spec.kind!r}; expected one of {', '.join(KINDS)}")
+        return spec
+
+    def unet_config(self, n_labels: int) -> UNetConfig:
+        return UNetConfig(prefix=self.prefix, n_labels=n_labels, nb_features=self.nb_features,
+                          nb_levels=self.nb_levels, conv_size=self.conv_size,
+                          nb_conv_per_level=self.nb_conv_per_level, feat_mult=self.feat_mult,
+                          activation=self.activation, batch_norm=self.batch_norm,
+                          skip_n_concatenations=self.skip_n_concatenations)
+
+    def encoder_config(self) -> EncoderConfig:
+        return EncoderConfig(prefix=self.prefix, nb_features=self.nb_features,
+                             nb_levels=self.nb_levels, conv_size=self.conv_size,
+                             nb_conv_per_level=self.nb_conv_per_level, feat_mult=self.feat_mult,
+                             activation=self.activation, batch_norm=self.batch_norm)
+
+    @property
+    def size_multiple(self) -> int:
+        """Crops must be multiples of this (QC: its encoder pools once more after the levels)."""
+        return 2 ** self.nb_levels if self.kind == "qc" else 2 ** (self.nb_levels - 1)
+
+
+def _plain(d):
+    try:
+        from omegaconf import DictConfig, OmegaConf
+        if isinstance(d, DictConfig):
+            return OmegaConf.to_container(d, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return d
+
+
+# --------------------------------------------------------------------------- label tables
+
+def _load_table(priors_dir: str, name: str) -> np.ndarray:
+    return np.load(os.path.join(resolve_path(priors_dir), name))
+
+
+def group_values(priors_dir: str, table: str, segmentation_values: Sequence[int]) -> np.ndarray:
+    """Group of each 2.0 segmentation value, from a group table written against the 55-entry
+    2.0 segmentation table (the pairing is position by position)."""
+    seg = _load_table(priors_dir, SEGMENTATION_TABLE_2)
+    groups = _load_table(priors_dir, GROUP_TABLES[table])
+    if len(seg) != len(groups):
+        raise ValueError(f"{GROUP_TABLES[table]}: {len(groups)} entries, {SEGMENTATION_TABLE_2} "
+                         f"has {len(seg)}")
+    mapping = {}
+    for s, g in zip(seg.tolist(), groups.tolist()):
+        if mapping.setdefault(s, g) != g:
+            raise ValueError(f"{GROUP_TABLES[table]}: label {s} is in two groups")
+    return np.array([mapping.get(int(v), 0) for v in segmentation_values], np.int64)
+
+
+def target_values(gcfg: GeneratorConfig, labels: Any) -> np.ndarray:
+    """Target value of every generation label for a label spec ('2.0', 'denoiser_2.0', a list...).
+
+    The group tables are mapped through the 2.0 segmentation labels rather than aligned directly
+    with the generation labels, so that non-sided structures (ventricles, brainstem) land in their
+    group instead of the background.
+    """
+    if isinstance(labels, str) and labels in GROUP_TABLES:
+        seg = np.asarray(build_params(gcfg.replace(output_labels="2.0")).output_values)
+        return group_values(gcfg.priors_dir, labels, seg)
+    return np.asarray(build_params(gcfg.replace(output_labels=labels)).output_values)
+
+
+def to_indices(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(channel index of each entry, sorted unique values = the network's channel order)."""
+    uniq = np.unique(values)
+    return np.searchsorted(uniq, values).astype(np.int32), uniq
+
+
+# --------------------------------------------------------------------------- corruption
+
+def relabel_blobs(key: jax.Array, labels: jax.Array, n_labels: int, max_fraction: float,
+                  grid: int = 5) -> jax.Array:
+    """Give smooth random blobs covering ``U(0, max_fraction)`` of the volume a random label
+    permutation (each label in a blob becomes one random label)."""
+    if max_fraction <= 0:
+        return labels
+    k_field, k_frac, k_lut = jax.random.split(key, 3)
+    coarse = jax.random.normal(k_field, (grid,) * 3 + (1,), jnp.float32)
+    frac = jax.random.uniform(k_frac) * max_fraction
+    # the threshold is taken on the coarse grid: cheap, and close enough for a random corruption
+    thr = jnp.quantile(coarse.reshape(-1), 1.0 - frac)
+    field = spatial.resize_linear(coarse, labels.shape)[..., 0]
+    lut = jax.random.randint(k_lut, (n_labels,), 0, n_labels)
+    swapped = lut[labels.astype(jnp.int32)].astype(labels.dtype)
+    return jnp.where(field > thr, swapped, labels)
+
+
+def _radius(mm: float, voxel: float) -> int:
+    return max(1, int(round(mm / voxel)))
+
+
+def corrupt_labels(key: jax.Array, labels: jax.Array, n_labels: int, c: Corruption,
+                   voxel: float, integration_factor: float = 0.25) -> jax.Array:
+    """A plausible wrong segmentation of ``labels`` (channel indices): small independent
+    deformation, relabelled blobs, then the original's random erosion of the foreground."""
+    k_def, k_blob, k_ero = jax.random.split(key, 3)
+    noisy = spatial.deform_and_crop(
+        k_def, labels, labels.shape, scaling_bounds=c.scaling, rotation_bounds=c.rotation,
+        shearing_bounds=c.shearing, translation_bounds=c.translation / voxel,
+        nonlin_std=c.nonlin_std, nonlin_scale=c.nonlin_scale, integration_factor=integration_factor)
+    noisy = relabel_blobs(k_blob, noisy, n_labels, c.blob_fraction, c.blob_grid)
+    if c.erosion_prob > 0:
+        noisy = glab.random_dilation_erosion(
+            k_ero, noisy, _radius(c.erosion_min_mm, voxel), _radius(c.erosion_max_mm, voxel),
+            c.erosion_prob)
+    return noisy
+
+
+# --------------------------------------------------------------------------- tasks
+
+class Task:
+    """Inputs/targets sampler, network and losses of one model kind.
+
+    ``sample(key, label_map)`` draws one training pair from a map ``[X, Y, Z]`` of generation-label
+    indices; it is pure, so the loop vmaps and jits it.
+    """
+
+    def __init__(self, spec: ModelSpec, gcfg: GeneratorConfig):
+        self.spec = spec
+        self.gcfg = gcfg.replace(target="indices")
+        self.gparams = build_params(self.gcfg)
+        self.voxel = float(self.gcfg.atlas_res)
+        kind = spec.kind
+        labels = spec.labels
+        if kind == "denoiser":
+            labels = spec.groups
+        elif kind == "second":
+            labels = "2.0" if spec.labels in (None, "") else spec.labels
+        values = target_values(self.gcfg, labels) if kind != "parc" else \
+            np.asarray(self.gparams.output_values)
+        self.target_lut, self.target_labels = to_indices(values)
+        self.n_outputs = len(self.target_labels)
+        if kind in ("second", "denoiser"):
+            gvals = target_values(self.gcfg, spec.groups)
+            self.group_lut, groups = to_indices(gvals)
+            self.n_groups = len(groups)
+        n_channels = int(self.gcfg.n_channels)
+        self.in_channels = {"segmenter": n_channels, "second": n_channels + getattr(self, "n_groups", 0),
+                            "denoiser": self.n_outputs, "parc": n_channels + 2,
+                            "qc": self.n_outputs}[kind]
+        self.phases = ("qc",) if kind == "qc" else ("wl2", "dice")
+
+    # ---- network
+    def module(self) -> nn.Module:
+        if self.spec.kind == "qc":
+            return QCRegressor(n_qc_labels=self.n_outputs, encoder=self.spec.encoder_config())
+        return Segmenter(self.spec.unet_config(self.n_outputs))
+
+    @property
+    def crop_shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.gcfg.output_shape)
+
+    # ---- data
+    def _deformed_labels(self, key: jax.Array, label_map: jax.Array) -> jax.Array:
+        """Deformed, cropped (and possibly flipped) generation-label indices, no image."""
+        g = self.gcfg
+        k_def, k_flip = jax.random.split(key)
+        shape = tuple(min(int(o), int(s)) for o, s in zip(g.output_shape, label_map.shape))
+        labels = spatial.deform_and_crop(
+            k_def, label_map, shape, scaling_bounds=g.scaling_bounds,
+            rotation_bounds=g.rotation_bounds, shearing_bounds=g.shearing_bounds,
+            translation_bounds=g.translation_bounds, nonlin_std=g.nonlin_std,
+            nonlin_scale=g.nonlin_scale, int_steps=g.nonlin_int_steps,
+            integration_factor=g.nonlin_integration_factor)
+        if g.flipping:
+            do_flip = jax.random.uniform(k_flip) < g.flip_prob
+            labels = glab.flip_lr(labels, do_flip, np.asarray(self.gparams.flip_lut, np.int32), 0)
+        return labels
+
+    def sample(self, key: jax.Array, label_map: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """One ``(inputs, targets)`` pair from a label map of generation-label indices."""
+        k_gen, k_extra = jax.random.split(key)
+        kind = self.spec.kind
+        lut = jnp.asarray(self.target_lut)
+        c = self.spec.corruption
+        if kind in ("denoiser", "qc"):
+            target = lut[self._deformed_labels(k_gen, label_map).astype(jnp.int32)]
+            k_cor, k_fov = jax.random.split(k_extra)
+            noisy = corrupt_labels(k_cor, target, self.n_outputs, c, self.voxel,
+                                   self.gcfg.nonlin_integration_factor)
+            if kind == "denoiser":
+                return losses.one_hot(noisy, self.n_outputs), target
+            n = target.shape[0]
+            min_fov = min(_radius(c.fov_min_mm, self.voxel), n - 1)
+            onehot, dice = glab.simulate_partial_fov(k_fov, noisy, target, self.n_outputs,
+                                                     target.shape, min_fov, c.fov_prob)
+            return onehot, dice
+        image, _, info = sample_with_info(k_gen, label_map, self.gparams)
+        labels = info["labels"].astype(jnp.int32)
+        target = lut[labels]
+        if kind == "segmenter":
+            return image, target
+        if kind == "parc":
+            cortex = (target > 0).astype(jnp.int32)
+            return jnp.concatenate([image, losses.one_hot(cortex, 2, image.dtype)], -1), target
+        # second: image + dilated/eroded one-hot groups of a slightly deformed ground truth
+        groups = jnp.asarray(self.group_lut)[labels]
+        k_def, k_apply, k_morph = jax.random.split(k_extra, 3)
+        moved = spatial.deform_and_crop(
+            k_def, groups, groups.shape, scaling_bounds=c.scaling, rotation_bounds=c.rotation,
+            shearing_bounds=c.shearing, translation_bounds=c.translation / self.voxel,
+            nonlin_std=c.nonlin_std, nonlin_scale=c.nonlin_scale,
+            integration_factor=self.gcfg.nonlin_integration_factor)
+        groups = jnp.where(jax.random.uniform(k_apply) < c.group_deform_prob, moved, groups)
+        masks = glab.corrupt_groups(k_morph, groups, self.n_groups,
+                                    _radius(c.group_radius_mm, self.voxel), c.group_prob)
+        return jnp.concatenate([image, masks.astype(image.dtype)], -1), target
+
+    # ---- losses and metrics
+    def loss(self, phase: str, outputs: jax.Array, targets: jax.Array) -> jax.Array:
+        if phase == "qc":
+            return losses.qc_regression_loss(outputs, targets)
+        return losses.segmentation_loss(phase, outputs, targets)
+
+    def evaluate(self, outputs: jax.Array, targets: jax.Array) -> dict[str, jax.Array]:
+        """Validation scores of one batch: mean hard Dice over the foreground labels present in
+        the target (segmentation kinds) or mean absolute error of the predicted Dice (QC)."""
+        if self.spec.kind == "qc":
+            return {"qc_mae": jnp.mean(jnp.abs(outputs - targets))}
+        pred = jnp.argmax(outputs, -1)
+        dice, present = jax.vmap(lambda p, t: losses.hard_dice(p, t, self.n_outputs))(pred, targets)
+        present = present.at[:, 0].set(False)
+        mean = jnp.sum(dice * present, -1) / jnp.maximum(jnp.sum(present, -1), 1)
+        return {"dice": jnp.mean(mean)}
+
+
+# --------------------------------------------------------------------------- pseudo-parcellation
+
+def fibonacci_directions(n: int) -> np.ndarray:
+    """``n`` unit vectors spread evenly over the sphere."""
+    i = np.arange(n) + 0.5
+    polar = np.arccos(1.0 - 2.0 * i / n)
+    azimuth = np.pi * (1.0 + 5.0 ** 0.5) * i
+    return np.stack([np.cos(azimuth) * np.sin(polar), np.sin(azimuth) * np.sin(polar),
+                     np.cos(polar)], -1)
+
+
+def pseudo_parcellation(index_map: np.ndarray, left: int, right: int, n_parcels: int) -> np.ndarray:
+    """Split each hemisphere's cortex (indices ``left``/``right`` of an RAS map) into ``n_parcels``
+    angular sectors around the hemisphere's centroid, in coordinates scaled by its spread, with
+    the right hemisphere mirrored so that parcel ``k`` is homologous on both sides.
+
+    Returns parcel numbers ``1..n_parcels`` in the cortex, 0 elsewhere. Not an anatomical atlas:
+    a stand-in with the same number of consistent, compact cortical regions.
+    """
+    directions = fibonacci_directions(n_parcels)
+    out = np.zeros(index_map.shape, np.int16)
+    for index, mirror in ((left, False), (right, True)):
+        coords = np.argwhere(index_map == index)
+        if not len(coords):
+            continue
+        x = coords.astype(np.float32)
+        x = (x - x.mean(0)) / np.maximum(x.std(0), 1e-3)
+        if mirror:
+            x[:, 0] = -x[:, 0]
+        out[tuple(coords.T)] = np.argmax(x @ directions.T.astype(np.float32), axis=1) + 1
+    return out
+
+
+def parcellation_generator_config(gcfg: GeneratorConfig) -> tuple[GeneratorConfig, np.ndarray, Any]:
+    """The generator config of the parcellation task: the parcels become generation labels
+    (sided, sharing the intensity class of their hemisphere's cortex) whose output values are the
+    parcellation labels; everything else maps to 0.
+
+    Returns ``(config, remap, parcels)`` where ``remap`` maps old generation indices to new ones and
+    ``parcels(index_map) -> new index map`` converts a loaded map."""
+    base = build_params(gcfg)
+    gl = np.asarray(base.generation_labels)
+    classes = np.asarray(base.class_of_label)
+    n_neutral = base.n_neutral_labels
+    n_side = (len(gl) - n_neutral) // 2
+    parc = np.unique(_load_table(gcfg.priors_dir, PARCELLATION_TABLE))
+    left_parc, right_parc = parc[(parc > 0) & (parc < 2000)], parc[parc >= 2000]
+    if len(left_parc) != len(right_parc):
+        raise ValueError(f"{PARCELLATION_TABLE}: {len(left_parc)} left and {len(right_parc)} right labels")
+    n_p = len(left_parc)
+    left_end = n_neutral + n_side
+    new_gl = np.concatenate([gl[:left_end], left_parc, gl[left_end:], right_parc])
+    i_left, i_right = int(np.where(gl == CORTEX[0])[0][0]), int(np.where(gl == CORTEX[1])[0][0])
+    new_classes = np.concatenate([classes[:left_end], np.full(n_p, classes[i_left]),
+                                  classes[left_end:], np.full(n_p, classes[i_right])])
+    new_out = np.concatenate([np.zeros(left_end, np.int64), left_parc,
+                              np.zeros(n_side, np.int64), right_parc])
+    remap = np.concatenate([np.arange(left_end), np.arange(left_end, len(gl)) + n_p])
+    first_left, first_right = left_end, len(gl) + n_p
+
+    def parcels(index_map: np.ndarray) -> np.ndarray:
+        sectors = pseudo_parcellation(index_map, i_left, i_right, n_p)
+        out = remap[index_map.astype(np.int64)]
+        lmask = index_map == i_left
+        rmask = index_map == i_right
+        out[lmask] = first_left + sectors[lmask] - 1
+        out[rmask] = first_right + sectors[rmask] - 1
+        return out.astype(np.uint8 if len(new_gl) <= 256 else np.int32)
+
+    new_cfg = gcfg.replace(generation_labels=tuple(int(v) for v in new_gl),
+                           generation_classes=tuple(int(v) for v in new_classes),
+                           output_labels=tuple(int(v) for v in new_out))
+    return new_cfg, remap, parcels
+
+
+# --------------------------------------------------------------------------- data
+
+@dataclasses.dataclass
+class TrainingData:
+    gcfg: GeneratorConfig        # generator config fitted to the data (atlas_res, parc labels)
+    train_maps: np.ndarray       # [N, X, Y, Z] generation-label indices
+    val_maps: np.ndarray
+    train_paths: tuple
+    val_paths: tuple
+
+
+def _stem(path: str) -> str:
+    name = os.path.basename(path)
+    for ext in (".nii.gz", ".nii", ".mgz", ".mgh"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def load_training_data(spec: ModelSpec, gcfg: GeneratorConfig, held_out: Sequence[str] = (),
+                       max_maps: int | None = None, downsample: int = 1,
+                       label_dir: str | None = None) -> TrainingData:
+    """Read the label maps once (train / held-out split by file stem), optionally keep one voxel
+    in ``downsample`` along each axis (nearest), and adapt the generator config: ``atlas_res`` =
+    voxel size x ``downsample``; parcellation task: pseudo-parcels as extra generation labels."""
+    files = list_label_maps(label_dir or gcfg.label_dir)
+    held = set(held_out or ())
+    val_files = [f for f in files if _stem(f) in held]
+    train_files = [f for f in files if _stem(f) not in held]
+    missing = held - {_stem(f) for f in val_files}
+    if missing:
+        raise FileNotFoundError(f"held-out label map(s) {sorted(missing)} not in "
+                                f"{resolve_path(label_dir or gcfg.label_dir)}")
+    if max_maps:
+        train_files = train_files[: int(max_maps)]
+    if not train_files:
+        raise ValueError("no training label maps left after holding out the validation maps")
+    base_gl = build_params(gcfg).generation_labels
+    convert = None
+    if spec.kind == "parc":
+        gcfg, _, convert = parcellation_generator_config(gcfg)
+    f = int(downsample)
+
+    def read(paths):
+        out, voxel = [], None
+        for p in paths:
+            bank = load_label_maps(p, base_gl)
+            m = np.asarray(bank.maps[0])
+            if convert is not None:
+                m = convert(m)
+            out.append(m[::f, ::f, ::f])
+            voxel = bank.voxel_size
+        return (np.stack(out) if out else None), voxel
+
+    train, voxel = read(train_files)
+    val, _ = read(val_files)
+    gcfg = gcfg.replace(atlas_res=float(voxel) * f)
+    return TrainingData(gcfg=gcfg, train_maps=train, val_maps=val,
+                        train_paths=tuple(train_files), val_paths=tuple(val_files))

@@ -1,0 +1,97 @@
+"""orbax checkpoints: an interrupted and resumed run equals an uninterrupted one; export to Keras
+.h5 and to a models folder."""
+
+import csv
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from conftest import TINY, compose, needs_maps
+
+from synthseg_jax.labels import LabelTables
+from synthseg_jax.training import checkpoint as ckpt
+from synthseg_jax.training.loop import run
+from synthseg_jax.weights.keras_h5 import load_keras_h5
+
+pytestmark = needs_maps
+
+
+def losses(run_dir):
+    with open(os.path.join(run_dir, "metrics.csv")) as fh:
+        return [(int(r["step"]), r["phase"], r["loss"]) for r in csv.DictReader(fh)]
+
+
+def tiny(out, *extra):
+    return compose(TINY + [f"train.out_dir={out}", "validation.every=0"] + list(extra))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    run(tiny(out, "train.steps=4"))
+    return str(out)
+
+
+def test_resume_equals_uninterrupted(uninterrupted, tmp_path):
+    out = tmp_path / "resumed"
+    run(tiny(out, "train.steps=3"))                   # checkpoints at steps 2 and 3
+    shutil.rmtree(out / "checkpoints" / "3")         # "killed" after step 3, before its checkpoint
+    assert len(losses(out)) == 3
+    summary = run(tiny(out, "train.steps=4"))        # resumes from step 2 (warm-up over: Dice)
+    assert summary["steps"] == 4
+    assert losses(out) == losses(uninterrupted)      # same steps, phases and losses (9 digits)
+    a, _ = ckpt.load_model(uninterrupted)
+    b, _ = ckpt.load_model(str(out))
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_keep_last_checkpoints(tmp_path):
+    out = tmp_path / "keep"
+    run(tiny(out, "train.steps=4", "train.checkpoint_every=1", "train.keep_checkpoints=2"))
+    assert sorted(int(n) for n in os.listdir(out / "checkpoints") if n.isdigit()) == [3, 4]
+
+
+def test_resume_must_without_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        run(tiny(tmp_path / "none", "train.resume=must"))
+
+
+def test_export_h5_and_models_dir(uninterrupted, tmp_path):
+    variables, meta = ckpt.load_model(uninterrupted)
+    assert meta["step"] == 4 and meta["model"]["name"] == "tiny" and meta["n_outputs"] == 33
+    h5 = tmp_path / "tiny.h5"
+    ckpt.export_h5(uninterrupted, str(h5))
+    template = jax.tree_util.tree_map(np.zeros_like, variables)
+    loaded = load_keras_h5(str(h5), template)
+    for x, y in zip(jax.tree_util.tree_leaves(variables), jax.tree_util.tree_leaves(loaded)):
+        np.testing.assert_array_equal(x, y)
+    # the run's own export at the end is the same file content
+    own = load_keras_h5(os.path.join(uninterrupted, "export", "synthseg_2.0.h5"), template)
+    for x, y in zip(jax.tree_util.tree_leaves(variables), jax.tree_util.tree_leaves(own)):
+        np.testing.assert_array_equal(x, y)
+    models = tmp_path / "models"
+    ckpt.main([uninterrupted, "--models-dir", str(models)])
+    assert (models / "synthseg_2.0.h5").is_file() and (models / "architecture.json").is_file()
+    tables = LabelTables.load(str(models), "2.0")
+    assert tables.n_labels == 33
+    arch = __import__("json").load(open(models / "architecture.json"))
+    assert arch["2.0"]["unet"]["nb_features"] == 4 and arch["2.0"]["unet"]["nb_levels"] == 3
+    with pytest.raises(ValueError, match="part of '2.0'"):
+        ckpt.export_models_dir({"qc": uninterrupted}, str(models))
+
+
+def test_finetune_from_h5(uninterrupted, tmp_path):
+    """Fine-tuning starts from exported weights (and may freeze the first encoder level)."""
+    h5 = os.path.join(uninterrupted, "export", "synthseg_2.0.h5")
+    out = tmp_path / "ft"
+    run(tiny(out, "train.steps=1", f"train.init={h5}", "train.freeze_levels=1"))
+    start, _ = ckpt.load_model(uninterrupted)
+    tuned, _ = ckpt.load_model(str(out))
+    frozen = "unet_conv_downarm_0_0"
+    np.testing.assert_array_equal(start["params"]["unet"][frozen]["kernel"],
+                                  tuned["params"]["unet"][frozen]["kernel"])
+    assert not np.array_equal(start["params"]["unet"]["unet_conv_downarm_1_0"]["kernel"],
+                              tuned["params"]["unet"]["unet_conv_downarm_1_0"]["kernel"])

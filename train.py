@@ -1,0 +1,28 @@
+"""Train a SynthSeg network: ``python train.py model=<name> [key=value ...]``.
+
+Examples::
+
+    python train.py model=synthseg_2.0                       # the published 2.0 set-up
+    python train.py model=cpu_2.0                            # the default CPU-sized model
+    python train.py model=tiny train.steps=10                # smoke run
+    python train.py hydra.run.dir=runs/my_run                # resume (or start) in a given folder
+    python train.py -m optim.lr=1e-4,3e-4                    # sweep (one run folder each)
+    python train.py model=robust_denoiser / robust_second / parc / qc / robust_segmenter
+
+Configuration: ``configs/train.yaml`` (groups ``model``, ``generator``, ``optim``). Everything
+else lives in ``synthseg_jax.training``.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(config_path="configs", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    from synthseg_jax.training.loop import run
+    summary = run(cfg)
+    return float(summary.get("last_loss", float("nan")))
+
+
+if __name__ == "__main__":
+    main()
