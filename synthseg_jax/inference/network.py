@@ -28,8 +28,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from synthseg_jax.inference.postprocess import (
+    BRAIN_THRESHOLD,
+    CLASS_THRESHOLD,
+    FAST_THRESHOLD,
+    keep_masks,
+    topology_groups,
+)
 from synthseg_jax.labels import LabelTableError, LabelTables
-from synthseg_jax.nn.synthseg import QC_CROP_SIZE, crop_around_labels, parcellation_input
+from synthseg_jax.nn.synthseg import (
+    CORTEX_LABELS,
+    QC_CROP_SIZE,
+    crop_around_labels,
+    parcellation_input,
+)
 from synthseg_jax.weights.keras_h5 import WeightFileError
 from synthseg_jax.weights.models_dir import MODEL_FILES, ModelsDir
 
@@ -159,6 +171,35 @@ def qc_one_hot(seg_index: jax.Array, qc_class: jax.Array, n_qc: int, size: int) 
     return jax.nn.one_hot(qc_class[cropped], n_qc, dtype=jnp.float32)
 
 
+def _renormalise(post: jax.Array) -> jax.Array:
+    total = jnp.sum(post, axis=-1, keepdims=True)
+    return jnp.where(total > 0, post / jnp.where(total > 0, total, 1), post)
+
+
+def _region_sums(post: jax.Array, idx: jax.Array) -> jax.Array:
+    """Per-channel sums of (X, Y, Z, C) inside the box idx = [x0, y0, z0, x1, y1, z1], axis by axis
+    (short float32 accumulations)."""
+    for axis in (2, 1, 0):
+        coord = jnp.arange(post.shape[axis])
+        inside = (coord >= idx[axis]) & (coord < idx[axis + 3])
+        shape = [1] * post.ndim
+        shape[axis] = post.shape[axis]
+        post = jnp.sum(jnp.where(inside.reshape(shape), post, 0), axis=axis)
+    return post
+
+
+@dataclasses.dataclass
+class PaddedResult:
+    """``Predictor.predict``'s results, still on the padded RAS grid (host arrays)."""
+
+    seg: np.ndarray                       # (X, Y, Z) int32 labels (parcellation in the cortex)
+    posteriors: np.ndarray | None         # (X, Y, Z, C) float32 cleaned posteriors, if asked for
+    sums: np.ndarray                      # per non-background channel, inside the unpadded region
+    parc_sums: np.ndarray | None
+    qc_scores: np.ndarray | None
+    seconds: dict[str, float]
+
+
 @dataclasses.dataclass
 class NetworkOutput:
     posteriors: np.ndarray                 # (X, Y, Z, n_labels) float32, padded grid
@@ -178,8 +219,16 @@ class Predictor:
         self._labels = jnp.asarray(tables.segmentation, dtype=jnp.int32)
         self._qc_class = jnp.asarray(tables.qc_class, dtype=jnp.int32)
         self._n_qc = int(tables.n_qc)
+        self._parc_labels = jnp.asarray(tables.parcellation, dtype=jnp.int32)
+        # cleaned topological classes: their channels (static), and each channel's class (0: none)
+        self._groups = [tuple(int(c) for c in g) for g in topology_groups(tables.topology_classes)]
+        self._channel_group = [0] * tables.n_labels
+        for k, channels in enumerate(self._groups):
+            for c in channels:
+                self._channel_group[c] = k + 1
         self._variables = jax.device_put(networks.variables)
         self._compiled: dict[tuple[int, ...], Any] = {}
+        self._compiled_finish: dict[tuple[int, ...], Any] = {}
         self.compile_seconds: dict[tuple[int, ...], float] = {}
 
     # The traced function -------------------------------------------------------------------
@@ -208,6 +257,14 @@ class Predictor:
                 qc_in = raw if mode.parc else blurred
 
         out = {"seg": seg_out[0]}
+        # masks for the host's connected components (the rest of post-processing is _finish)
+        out["brain"] = jnp.sum(seg_out[0, ..., 1:], axis=-1) > BRAIN_THRESHOLD
+        if not mode.is_fast:
+            # one pass over the posteriors (channels last), then one transpose so that each
+            # class's mask is contiguous for the host
+            above = seg_out[0] > CLASS_THRESHOLD
+            per_class = jnp.stack([jnp.any(above[..., list(g)], axis=-1) for g in self._groups], -1)
+            out["classes"] = jnp.transpose(per_class, (3, 0, 1, 2))
         if mode.parc:
             parc_x = parcellation_input(x, jnp.argmax(parc_in, axis=-1), self._labels)
             parc_logits = nets.parc.apply(variables["parc"], parc_x)
@@ -218,6 +275,29 @@ class Predictor:
             out["qc"] = nets.qc.apply(variables["qc"], onehot)[0]
         return out
 
+    def _finish(self, post: jax.Array, brain_keep: jax.Array, class_keep: jax.Array | None,
+                pad_idx: jax.Array, parc: jax.Array | None) -> dict[str, jax.Array]:
+        """Post-processing on the padded grid once the connected components are known: zero what
+        lies outside them (or below 0.2 in fast mode), renormalise, argmax -> labels,
+        parcellation in the cortex, and the per-channel sums over the unpadded region."""
+        post = post.at[..., 1:].multiply(brain_keep[..., None].astype(post.dtype))
+        if class_keep is None:
+            post = post.at[..., 1:].multiply((post[..., 1:] > FAST_THRESHOLD).astype(post.dtype))
+        else:
+            ones = jnp.ones(post.shape[:-1], dtype=jnp.bool_)
+            factor = jnp.stack([class_keep[g - 1] if g else ones for g in self._channel_group], -1)
+            post = post * factor.astype(post.dtype)
+        post = _renormalise(post)
+        seg = self._labels[jnp.argmax(post, axis=-1)]
+        out = {"posteriors": post, "sums": _region_sums(post[..., 1:], pad_idx)}
+        if parc is not None:
+            cortex = jnp.isin(seg, jnp.asarray(CORTEX_LABELS))
+            parc = _renormalise(parc.at[..., 0].set((~cortex).astype(parc.dtype)))
+            seg = jnp.where(cortex, self._parc_labels[jnp.argmax(parc, axis=-1)], seg)
+            out["parc_sums"] = _region_sums(parc[..., 1:], pad_idx)
+        out["seg"] = seg.astype(jnp.int32)
+        return out
+
     # Compilation cache -----------------------------------------------------------------------
     def compiled(self, shape: tuple[int, ...]):
         shape = tuple(int(s) for s in shape)
@@ -226,10 +306,52 @@ class Predictor:
             start = time.perf_counter()
             spec = jax.ShapeDtypeStruct(shape, jnp.float32)
             self._compiled[shape] = jax.jit(self._forward).lower(self._variables, spec).compile()
+            self._compiled_finish[shape] = self._compile_finish(shape)
             self.compile_seconds[shape] = time.perf_counter() - start
             log.info("compiled in %.1f s (%d shape(s) cached)", self.compile_seconds[shape],
                      len(self._compiled))
         return self._compiled[shape]
+
+    def _compile_finish(self, shape: tuple[int, ...]):
+        tables = self.networks.tables
+        f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+        boolean = lambda *s: jax.ShapeDtypeStruct(s, jnp.bool_)
+        n_groups = len(self._groups)
+        args = (f32(*shape, tables.n_labels), boolean(*shape),
+                None if self.mode.is_fast else boolean(n_groups, *shape),
+                jax.ShapeDtypeStruct((6,), jnp.int32),
+                f32(*shape, len(tables.parcellation)) if self.mode.parc else None)
+        return jax.jit(self._finish).lower(*args).compile()
+
+    def predict(self, image: np.ndarray, pad_idx: np.ndarray, posteriors: bool = False) -> PaddedResult:
+        """The networks and the whole post-processing but the geometry: ``image`` is the padded
+        network input, ``pad_idx`` where the scan sits in it. Posteriors come back to the host
+        only if asked for."""
+        seconds = {}
+        start = time.perf_counter()
+        image = np.asarray(image, dtype=np.float32)
+        forward = self.compiled(image.shape)
+        seconds["compile"] = time.perf_counter() - start
+        start = time.perf_counter()
+        out = forward(self._variables, image)
+        brain = np.asarray(out["brain"])
+        class_masks = None if self.mode.is_fast else np.asarray(out["classes"])
+        seconds["network"] = time.perf_counter() - start
+        start = time.perf_counter()
+        pad_idx = np.asarray(pad_idx, dtype=np.int32)
+        brain_keep, class_keep = keep_masks(brain, class_masks, pad_idx, self.mode.is_fast)
+        seconds["components"] = time.perf_counter() - start
+        start = time.perf_counter()
+        fin = self._compiled_finish[tuple(image.shape)](out["seg"], brain_keep, class_keep, pad_idx,
+                                                        out.get("parc"))
+        result = PaddedResult(
+            seg=np.asarray(fin["seg"]),
+            posteriors=np.asarray(fin["posteriors"]) if posteriors else None,
+            sums=np.asarray(fin["sums"], dtype=np.float64),
+            parc_sums=np.asarray(fin["parc_sums"], dtype=np.float64) if "parc_sums" in fin else None,
+            qc_scores=np.asarray(out["qc"]) if "qc" in out else None, seconds=seconds)
+        seconds["postprocess"] = time.perf_counter() - start
+        return result
 
     def __call__(self, image: np.ndarray) -> NetworkOutput:
         image = np.asarray(image, dtype=np.float32)

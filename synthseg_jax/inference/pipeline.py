@@ -336,6 +336,7 @@ class Runner:
         self.networks = load_networks(models_dir, self.mode, labels_dir)
         self.tables = self.networks.tables
         self.predictor = Predictor(self.networks, self.mode, qc_crop_size=opts.qc_crop_size)
+        self.timings: list[dict[str, float]] = []   # per scan: compile, network, components, ...
         self.vol_columns = volume_columns(self.tables, self.mode.parc)
         self.qc_columns = qc_columns(self.tables)
         self.vol_table = CsvTable(self.plan.vol_table, self.vol_columns) if self.plan.vol_table else None
@@ -356,7 +357,7 @@ class Runner:
     def segment(self, job: Job) -> float:
         """Everything for one scan; raises on any problem, having written nothing."""
         start = time.perf_counter()
-        from synthseg_jax.inference.postprocess import postprocess
+        from synthseg_jax.inference.postprocess import assemble_volumes, to_input_grid, to_scan_grid
 
         scan = load_scan(job.image)
         if scan.n_channels > 1:
@@ -367,24 +368,29 @@ class Runner:
             if path and image_extension(path) is None:
                 raise ScanError(f"{path}: output needs a .nii, .nii.gz or .mgz extension")
         prep = preprocess(scan, crop=self.crop, ct=bool(self.opts.ct), min_pad=self.opts.min_pad)
-        net = self.predictor(prep.image)
-        pred = postprocess(net.posteriors, prep, self.tables, fast=self.mode.is_fast,
-                           v1=self.mode.v1, parc_posteriors=net.parc_posteriors,
-                           keepgeom=bool(self.opts.keepgeom))
+        net = self.predictor.predict(prep.image, prep.pad_idx, posteriors=bool(job.post))
+        seg = to_scan_grid(net.seg, prep)
+        post = to_scan_grid(net.posteriors, prep, fill_background=True) if job.post else None
+        affine = prep.affine
+        keepgeom = bool(self.opts.keepgeom) and prep.resampled is not None
+        if keepgeom:
+            seg, post = to_input_grid(seg, post, prep)
+            affine = prep.input_affine
+        volumes = assemble_volumes(net.sums, self.tables.segmentation, prep.voxel_size,
+                                   self.mode.v1, net.parc_sums)
         subject = subject_name(job.image)
-        vol_row = [subject] + format_volumes(pred.volumes)
+        vol_row = [subject] + format_volumes(volumes)
         qc_row = [subject] + format_qc(net.qc_scores) if net.qc_scores is not None else None
 
         with AtomicWriter() as writer:
-            writer.image(pred.seg, pred.affine, prep.header, job.seg, np.int32)
+            writer.image(seg, affine, prep.header, job.seg, np.int32)
             if job.post:
-                writer.image(pred.posteriors, pred.affine, prep.header, job.post, np.float32)
+                writer.image(post, affine, prep.header, job.post, np.float32)
             if job.resample and prep.resampled is not None:
                 writer.image(prep.resampled, prep.affine, prep.header, job.resample, np.float32)
             if job.overlay:
-                use_input = prep.resampled is None or bool(self.opts.keepgeom)
-                image = scan.data if use_input else prep.resampled
-                writer.bytes(overlay_png(image, pred.seg, pred.affine, title=subject), job.overlay)
+                image = prep.resampled if prep.resampled is not None and not keepgeom else scan.data
+                writer.bytes(overlay_png(image, seg, affine, title=subject), job.overlay)
             if job.vol:
                 writer.text(single_scan_csv(self.vol_columns, vol_row), job.vol)
             if job.qc and qc_row is not None:
@@ -400,6 +406,7 @@ class Runner:
             self.qc_table.add(qc_row)
         if job.resample and prep.resampled is None:
             self.say(f"{job.image}: already at 1 mm, no resampled image written")
+        self.timings.append(dict(net.seconds, total=time.perf_counter() - start))
         return time.perf_counter() - start
 
     def run(self) -> Summary:

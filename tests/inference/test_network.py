@@ -139,3 +139,27 @@ def test_load_networks_errors(models_dir, labels_dir, tmp_path):
     assert set(nets.variables) == {"seg", "parc", "qc"}
     with pytest.raises(ValueError, match="robust cannot be combined with v1"):
         Mode(robust=True, v1=True)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_predict_matches_the_numpy_postprocess(tiny_nets, tables, fast):
+    """The pipeline's split post-processing (JAX + host components) against the plain numpy one."""
+    from synthseg_jax.io import Scan
+    from synthseg_jax.inference.postprocess import assemble_volumes, postprocess, to_scan_grid
+    from synthseg_jax.inference.preprocess import preprocess
+
+    lia = np.array([[-1, 0, 0, 0], [0, 0, 1, 0], [0, -1, 0, 0], [0, 0, 0, 1.0]])
+    data = image(4, (26, 30, 22)).astype(np.float64)
+    prep = preprocess(Scan("s.nii.gz", data, lia, None, np.ones(3)), crop=[32, 24, 32])
+    mode = Mode(fast=fast, parc=True)
+    predictor = Predictor(networks(tiny_nets, tables, ("2.0", "parc")), mode)
+    res = predictor.predict(prep.image, prep.pad_idx, posteriors=True)
+    raw = predictor(prep.image)
+    ref = postprocess(raw.posteriors, prep, tables, fast=fast, v1=False,
+                      parc_posteriors=raw.parc_posteriors)
+    np.testing.assert_array_equal(to_scan_grid(res.seg, prep), ref.seg)
+    np.testing.assert_allclose(to_scan_grid(res.posteriors, prep, fill_background=True),
+                               ref.posteriors, atol=1e-6)
+    volumes = assemble_volumes(res.sums, tables.segmentation, prep.voxel_size, False, res.parc_sums)
+    np.testing.assert_allclose(volumes, ref.volumes, rtol=1e-5, atol=2e-3)
+    assert len(predictor.compile_seconds) == 1 and set(res.seconds) >= {"network", "components"}

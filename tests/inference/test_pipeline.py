@@ -71,7 +71,7 @@ def test_single_scan_all_outputs(tmp_path, models_dir, labels_dir, tables, caplo
     vols = read_csv(out / "vols.csv")
     assert vols[0] == ["subject"] + volume_columns(tables, parc=True)
     assert vols[1][0] == "sub-01" and len(vols) == 2
-    np.testing.assert_allclose([float(v) for v in vols[1][1:]], pred.volumes)
+    np.testing.assert_allclose([float(v) for v in vols[1][1:]], pred.volumes, rtol=1e-4, atol=2e-3)
     qc = read_csv(out / "qc.csv")
     assert qc[0] == ["subject"] + qc_columns(tables)
     assert all(0 <= float(v) <= 1 and len(v.split(".")[1]) == 4 for v in qc[1][1:])
