@@ -106,7 +106,7 @@ def sample_gmm(key: Array, labels: Array, label_means: Array, label_stds: Array)
     """GMM image ``mean[l] + std[l] * N(0, 1)`` for a label-index map ``labels`` and per-label
     (not per-class) parameter tables of shape ``[n_labels]``."""
     idx = labels.astype(jnp.int32)
-    table = jnp.stack([label_means, label_stds], -1)
+    table = jax.lax.optimization_barrier(jnp.stack([label_means, label_stds], -1))  # keep out of the gather
     ms = table[idx]
     noise = jax.random.normal(key, labels.shape, jnp.float32)
     return ms[..., 0] + ms[..., 1] * noise
