@@ -293,7 +293,8 @@ def load_label_maps(label_dir: str, generation_labels: Optional[Sequence[int]] =
     files = list_label_maps(label_dir)
     if max_maps:
         files = files[:max_maps]
-    raw, shape, vox = [], None, None
+    gl = None if generation_labels is None else np.asarray(generation_labels, dtype=np.int64)
+    maps, shape, vox = [], None, None
     for f in files:
         data, zooms = _read_label_map(f)
         if shape is None:
@@ -302,19 +303,17 @@ def load_label_maps(label_dir: str, generation_labels: Optional[Sequence[int]] =
             raise LabelMapError(f"{f}: shape {data.shape} differs from {shape} of {files[0]}")
         if not np.allclose(zooms, vox, atol=1e-3):
             raise LabelMapError(f"{f}: voxel size {tuple(zooms)} differs from {tuple(vox)} of {files[0]}")
-        raw.append(data)
+        if gl is not None:          # encode at once (uint8): 4x less host memory than int32 maps
+            try:
+                data = lab.encode_label_map(data, gl)
+            except ValueError as e:
+                raise LabelMapError(f"{f}: {e}") from None
+        maps.append(data)
     if not np.allclose(vox, vox[0], atol=1e-3):
         raise LabelMapError(f"{files[0]}: anisotropic voxels {tuple(vox)} are not supported")
-    if generation_labels is None:
-        generation_labels = np.unique(np.concatenate([np.unique(r) for r in raw]))
-    gl = np.asarray(generation_labels, dtype=np.int64)
-    maps = []
-    for f, r in zip(files, raw):
-        try:
-            maps.append(lab.encode_label_map(r, gl))
-        except ValueError as e:
-            raise LabelMapError(f"{f}: {e}") from None
-    del raw
+    if gl is None:                  # derive the generation labels from the maps, then encode
+        gl = np.unique(np.concatenate([np.unique(m) for m in maps]))
+        maps = [lab.encode_label_map(m, gl) for m in maps]
     return LabelBank(maps=jnp.asarray(np.stack(maps)), paths=tuple(files), voxel_size=float(vox[0]),
                      generation_labels=tuple(int(v) for v in gl))
 

@@ -187,6 +187,9 @@ def test_loader_reads_a_folder_and_reports_bad_files(tmp_path):
     bank = load_label_maps(str(d), gl)
     assert bank.maps.shape == (2, 10, 10, 10) and bank.maps.dtype == jnp.uint8
     np.testing.assert_array_equal(np.asarray(bank.maps[0]), lab.encode_label_map(good, gl))
+    derived = load_label_maps(str(d))                     # generation labels from the maps
+    assert derived.generation_labels == (0, 2, 41)
+    np.testing.assert_array_equal(np.asarray(derived.maps), np.asarray(bank.maps))
 
     def error_for(name, writer):
         sub = tmp_path / name
