@@ -406,7 +406,10 @@ class Runner:
             self.qc_table.add(qc_row)
         if job.resample and prep.resampled is None:
             self.say(f"{job.image}: already at 1 mm, no resampled image written")
-        self.timings.append(dict(net.seconds, total=time.perf_counter() - start))
+        timing = dict(net.seconds, total=time.perf_counter() - start)
+        self.timings.append(timing)
+        log.info("%s: %s", os.path.basename(job.image),
+                 ", ".join(f"{k} {v:.1f} s" for k, v in timing.items() if k != "compile" or v > 0.5))
         return time.perf_counter() - start
 
     def run(self) -> Summary:

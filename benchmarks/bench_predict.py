@@ -1,0 +1,156 @@
+"""Seconds per scan and peak memory of predict's pipeline (and optionally of the original
+``mri_synthseg`` under TensorFlow), per mode, first scan (with compilation) and following scans.
+
+    python benchmarks/bench_predict.py [--input IMG] [--models DIR] [--modes default,fast,robust,parc+qc]
+                                       [--scans 2] [--threads 2] [--crop N] [--original]
+                                       [--original-threads 2] [--json OUT.json]
+
+Each mode runs in its own process (so its peak memory is its own): our pipeline segments the same
+image ``--scans`` times in one batch (a .txt list), which separates the first scan (compilation
+included) from the following ones, and reports where the time goes (compile, network,
+connected components, post-processing, I/O). ``--original`` also runs the unmodified original from
+``.parity/`` (see tools/parity/README.md) on one scan per mode: a long run (minutes per mode,
+~10 GB); REFERENCE.md says which modes need ``--original-threads 1``.
+Wall-clock times depend on the machine's load, printed with every result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PARITY = os.path.join(REPO, ".parity")
+DEFAULT_INPUT = os.path.join(PARITY, "data", "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
+MODES = {
+    "default": {},
+    "fast": {"fast": True},
+    "v1": {"v1": True},
+    "robust": {"robust": True},
+    "parc+qc": {"parc": True, "qc": True},
+}
+ORIGINAL_FLAGS = {"default": [], "fast": ["--fast"], "v1": ["--v1"], "robust": ["--robust"],
+                  "parc+qc": ["--parc", "--qc", "QC"]}
+
+
+def load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def inner(args: argparse.Namespace) -> None:
+    """Runs in the child process: one mode, ``--scans`` scans, JSON on the last stdout line."""
+    from synthseg_jax.inference.pipeline import Options, Runner, configure_runtime, setup_logging
+
+    configure_runtime(args.threads, "cpu")
+    setup_logging()
+    work = tempfile.mkdtemp(prefix="bench_predict_")
+    with open(os.path.join(work, "in.txt"), "w") as handle:
+        handle.write("\n".join([os.path.abspath(args.input)] * args.scans) + "\n")
+    with open(os.path.join(work, "out.txt"), "w") as handle:
+        handle.write("\n".join(os.path.join(work, f"seg{n}.nii.gz") for n in range(args.scans)) + "\n")
+    flags = dict(MODES[args.inner])
+    if flags.pop("qc", False):
+        with open(os.path.join(work, "qc.txt"), "w") as handle:
+            handle.write("\n".join(os.path.join(work, f"qc{n}.csv") for n in range(args.scans)) + "\n")
+        flags["qc"] = os.path.join(work, "qc.txt")
+    start = time.perf_counter()
+    runner = Runner(Options(i=os.path.join(work, "in.txt"), o=os.path.join(work, "out.txt"),
+                            models_dir=args.models, crop=args.crop, progress=False, **flags),
+                    stdout=sys.stderr)
+    setup = time.perf_counter() - start
+    summary = runner.run()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({"mode": args.inner, "setup": setup, "timings": runner.timings,
+                      "failed": summary.failed, "cpu": usage.ru_utime + usage.ru_stime,
+                      "peak_rss_gb": usage.ru_maxrss / 2**20, "load": load()}))
+
+
+def run_ours(args: argparse.Namespace, mode: str) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--inner", mode, "--input", args.input,
+           "--models", args.models, "--scans", str(args.scans), "--threads", str(args.threads)]
+    if args.crop:
+        cmd += ["--crop", str(args.crop)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{mode}: failed\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["process_wall"] = wall
+    return result
+
+
+def run_original(args: argparse.Namespace, mode: str) -> dict:
+    """One scan through the unmodified original, timed by /usr/bin/time (peak RSS)."""
+    work = tempfile.mkdtemp(prefix="bench_original_")
+    os.symlink(os.path.abspath(args.models), os.path.join(work, "models"))
+    flags = [f if f != "QC" else os.path.join(work, "qc.csv") for f in ORIGINAL_FLAGS[mode]]
+    cmd = ["/usr/bin/time", "-v", os.path.join(PARITY, "venv", "bin", "python"),
+           os.path.join(PARITY, "mri_synthseg"), "--i", args.input, "--o", os.path.join(work, "seg.nii.gz"),
+           "--cpu", "--threads", str(args.original_threads)] + flags
+    if args.crop:
+        cmd += ["--crop", str(args.crop)]
+    env = dict(os.environ, FREESURFER_HOME=work)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - start
+    rss = [l for l in proc.stderr.splitlines() if "Maximum resident set size" in l]
+    return {"mode": mode, "wall": wall, "ok": proc.returncode == 0 and "ERROR" not in proc.stdout,
+            "peak_rss_gb": int(rss[0].split()[-1]) / 2**20 if rss else None, "load": load(),
+            "threads": args.original_threads}
+
+
+def table(ours: list[dict], original: dict[str, dict]) -> str:
+    lines = ["| mode | first scan s (compile s) | following scans s | network s | components s | "
+             "post-processing s | peak RSS GB | original s (GB) | load |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in ours:
+        first, rest = r["timings"][0], r["timings"][1:]
+        following = sum(t["total"] for t in rest) / len(rest) if rest else float("nan")
+        timing = rest[0] if rest else first
+        orig = original.get(r["mode"])
+        orig_text = (f"{orig['wall']:.0f} ({orig['peak_rss_gb']:.1f})" if orig and orig["ok"]
+                     else ("failed" if orig else "-"))
+        lines.append(f"| {r['mode']} | {first['total']:.1f} ({first.get('compile', 0):.1f}) | "
+                     f"{following:.1f} | {timing['network']:.1f} | {timing['components']:.1f} | "
+                     f"{timing['postprocess']:.1f} | {r['peak_rss_gb']:.1f} | {orig_text} | {r['load']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", default=DEFAULT_INPUT)
+    parser.add_argument("--models", default=os.path.join(PARITY, "models"))
+    parser.add_argument("--modes", default="default,fast,robust,parc+qc")
+    parser.add_argument("--scans", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--crop", type=int, default=None)
+    parser.add_argument("--original", action="store_true")
+    parser.add_argument("--original-threads", type=int, default=2)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--inner", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.inner:
+        return inner(args)
+    ours, original = [], {}
+    for mode in args.modes.split(","):
+        ours.append(run_ours(args, mode))
+        print(f"ours {mode}: {json.dumps(ours[-1]['timings'])} peak {ours[-1]['peak_rss_gb']:.1f} GB "
+              f"(load {ours[-1]['load']})", flush=True)
+        if args.original:
+            original[mode] = run_original(args, mode)
+            print(f"original {mode}: {original[mode]}", flush=True)
+    print(table(ours, original))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"ours": ours, "original": original, "args": vars(args)}, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
