@@ -102,6 +102,7 @@ class Networks:
     variables: dict[str, Any]                 # {"seg": ..., "parc": ..., "qc": ...}
     parc: nn.Module | None = None
     qc: nn.Module | None = None
+    seg_voxel_size: float = 1.0               # mm; a coarser model runs on a pooled image
 
 
 def load_networks(models_dir: str, mode: Mode, labels_dir: str | None = None) -> Networks:
@@ -121,6 +122,10 @@ def load_networks(models_dir: str, mode: Mode, labels_dir: str | None = None) ->
         tables = models.labels(mode.version)
         for kind in kinds:
             loaded[kind] = models.load_network(kind)
+        seg_voxel_size = models.voxel_size(mode.segmenter_kind)
+        if seg_voxel_size not in (1.0, 2.0, 4.0):
+            raise ModelError(f"{models_dir}: segmenter voxel size {seg_voxel_size} mm; "
+                             "supported: 1, 2 or 4 mm")
     except (WeightFileError, LabelTableError) as err:
         raise ModelError(str(err).splitlines()[0]) from None
     except (OSError, KeyError, ValueError) as err:
@@ -133,12 +138,25 @@ def load_networks(models_dir: str, mode: Mode, labels_dir: str | None = None) ->
     if mode.qc:
         qc_module, variables["qc"] = loaded["qc"]
     return Networks(tables=tables, segmenter=seg_module, variables=variables, parc=parc_module,
-                    qc=qc_module)
+                    qc=qc_module, seg_voxel_size=seg_voxel_size)
 
 
 # ------------------------------------------------------------------------------------------------
 # Building blocks
 # ------------------------------------------------------------------------------------------------
+
+def at_voxel_size(network: Any, x: jax.Array, voxel_size: float) -> jax.Array:
+    """Run ``network`` on the 1 mm image ``x`` average-pooled to ``voxel_size`` mm, and bring its
+    logits back to 1 mm linearly: how a model trained at 2 mm serves the 1 mm pipeline."""
+    factor = int(round(voxel_size))
+    if factor <= 1:
+        return network(x)
+    b, *spatial, c = x.shape
+    pooled = x.reshape(b, spatial[0] // factor, factor, spatial[1] // factor, factor,
+                       spatial[2] // factor, factor, c).mean(axis=(2, 4, 6))
+    logits = network(pooled)
+    return jax.image.resize(logits, (b, *spatial, logits.shape[-1]), method="linear")
+
 
 def gaussian_weights(sigma: float) -> np.ndarray:
     """The original's fixed blur kernel along one axis: width ceil(2.5 sigma) rounded to odd,
@@ -237,7 +255,9 @@ class Predictor:
         x = image[None, ..., None]
 
         def segment(inp: jax.Array) -> jax.Array:
-            return jax.nn.softmax(nets.segmenter.apply(variables["seg"], inp), axis=-1)
+            logits = at_voxel_size(lambda z: nets.segmenter.apply(variables["seg"], z), inp,
+                                   nets.seg_voxel_size)
+            return jax.nn.softmax(logits, axis=-1)
 
         if mode.robust:
             seg_out = parc_in = qc_in = segment(x)

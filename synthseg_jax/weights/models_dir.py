@@ -7,6 +7,7 @@ names is what prediction and export accept.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any
 
@@ -32,6 +33,8 @@ MODEL_FILES = {
     "parc": "synthseg_parc_2.0.h5",
     "qc": "synthseg_qc_2.0.h5",
 }
+# Written by training's export: per network kind and stage, its hyper-parameters, voxel size included.
+ARCHITECTURE_FILE = "architecture.json"
 # Smallest input every network accepts: one voxel left after the deepest pooling.
 _INIT_SIZE = 16
 
@@ -158,6 +161,22 @@ class ModelsDir:
 
     def labels(self, version: str = "2.0") -> LabelTables:
         return LabelTables.load(self.labels_dir or self.path, version)
+
+    def voxel_size(self, kind: str) -> float:
+        """The voxel size (mm) a network was trained at: 1 for the published models, which have
+        no ``architecture.json``; a coarser one for models trained here to save CPU time."""
+        path = os.path.join(self.path, ARCHITECTURE_FILE)
+        if not os.path.isfile(path):
+            return 1.0
+        try:
+            with open(path) as fh:
+                stages = json.load(fh).get(kind, {})
+            sizes = {float(stage.get("voxel_size") or 1.0) for stage in stages.values()}
+        except (OSError, ValueError, AttributeError) as err:
+            raise WeightFileError(f"{path}: unreadable architecture file ({err})") from None
+        if len(sizes) > 1:
+            raise WeightFileError(f"{path}: the stages of '{kind}' disagree on the voxel size {sorted(sizes)}")
+        return sizes.pop() if sizes else 1.0
 
     def load_network(self, kind: str) -> tuple[nn.Module, Any]:
         """The module of ``kind`` (architecture read off the file) and its variables."""
