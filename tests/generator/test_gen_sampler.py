@@ -9,7 +9,7 @@ import pytest
 
 from generator import labels as lab
 from generator.sampler import (GeneratorConfig, LabelMapError, build_params, load_config, load_label_maps,
-                               make_sampler, sample, sample_from_bank, sample_with_info)
+                               make_sampler, sample, sample_with_info)
 
 from test_gen_common import MAPS, PRIORS, needs_data, small_label_map  # noqa: F401  (fixture)
 
