@@ -149,6 +149,7 @@ def save_keras_h5(variables: Mapping[str, Any], path: str) -> None:
                 for full_name, (collection, flax_name) in zip(full_names, mapping.values()):
                     value = np.asarray(_get(variables[collection], layer_path)[flax_name], np.float32)
                     group.create_dataset(full_name, data=value)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a weight file is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
