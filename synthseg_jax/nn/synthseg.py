@@ -127,9 +127,3 @@ def parcellation_input(image: jax.Array, seg_index: jax.Array, labels: jax.Array
     mask = jax.nn.one_hot(in_cortex.astype(jnp.int32), 2, dtype=image.dtype)
     return jnp.concatenate([image, mask], axis=-1)
 
-
-def qc_input(seg_index: jax.Array, qc_class_of_index: jax.Array, n_qc_labels: int) -> jax.Array:
-    """One-hot QC classes of the 224^3 crop around the segmentation; ``seg_index`` is (B, X, Y, Z)."""
-    cropped = jax.vmap(crop_around_labels)(seg_index)
-    return jax.nn.one_hot(qc_class_of_index[cropped], n_qc_labels, dtype=jnp.float32)
-

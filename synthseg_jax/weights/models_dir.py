@@ -62,13 +62,6 @@ def variable_shapes(module: nn.Module, in_channels: int) -> Any:
     return jax.eval_shape(module.init, jax.random.key(0), dummy)
 
 
-def init_network(kind: str, tables: LabelTables, seed: int = 0) -> tuple[nn.Module, Any]:
-    """A freshly initialised network (Keras' Glorot-uniform kernels, zero biases)."""
-    module, in_channels = build_network(kind, tables)
-    x = jnp.zeros((1, _INIT_SIZE, _INIT_SIZE, _INIT_SIZE, in_channels), jnp.float32)
-    return module, jax.jit(module.init)(jax.random.key(seed), x)
-
-
 def _kernel_shape(layers: dict, name: str, path: str) -> tuple[int, ...]:
     if name not in layers:
         raise WeightFileError(f"{path}: layer '{name}' is missing from the file")
