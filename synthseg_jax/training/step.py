@@ -30,6 +30,8 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from synthseg_jax.weights.models_dir import variable_shapes
+
 DATA_AXIS = "data"
 
 
@@ -45,11 +47,6 @@ class TrainState(struct.PyTreeNode):
 
 
 # --------------------------------------------------------------------------- initialisation
-
-def variable_shapes(module: nn.Module, in_channels: int, size: int = 16) -> Any:
-    dummy = jax.ShapeDtypeStruct((1, size, size, size, in_channels), jnp.float32)
-    return jax.eval_shape(module.init, jax.random.key(0), dummy)
-
 
 def init_variables(module: nn.Module, in_channels: int, seed: int = 0, size: int = 16) -> dict:
     """Keras-style initial variables (NumPy draws; deterministic in ``seed``)."""

@@ -56,9 +56,9 @@ def build_network(kind: str, tables: LabelTables) -> tuple[nn.Module, int]:
     raise ValueError(f"unknown network kind {kind!r}; expected one of {sorted(MODEL_FILES)}")
 
 
-def variable_shapes(module: nn.Module, in_channels: int) -> Any:
+def variable_shapes(module: nn.Module, in_channels: int, size: int = _INIT_SIZE) -> Any:
     """The variables tree as shapes only, without running the network."""
-    dummy = jax.ShapeDtypeStruct((1, _INIT_SIZE, _INIT_SIZE, _INIT_SIZE, in_channels), jnp.float32)
+    dummy = jax.ShapeDtypeStruct((1, size, size, size, in_channels), jnp.float32)
     return jax.eval_shape(module.init, jax.random.key(0), dummy)
 
 
