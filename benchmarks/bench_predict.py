@@ -2,13 +2,21 @@
 ``mri_synthseg`` under TensorFlow), per mode, first scan (with compilation) and following scans.
 
     python benchmarks/bench_predict.py [--input IMG] [--models DIR] [--modes default,fast,robust,parc+qc]
-                                       [--scans 2] [--threads 2] [--crop N] [--original]
-                                       [--original-threads 2] [--json OUT.json]
+                                       [--scans 2] [--threads 2] [--crop N] [--vol] [--post]
+                                       [--original | --original-from WORK] [--original-threads 2]
+                                       [--json OUT.json]
 
 Each mode runs in its own process (so its peak memory is its own): our pipeline segments the same
 image ``--scans`` times in one batch (a .txt list), which separates the first scan (compilation
-included) from the following ones, and reports where the time goes (compile, network,
-connected components, post-processing, I/O). ``--original`` also runs the unmodified original from
+included) from the following ones, and reports where the time goes (read, preprocessing,
+compile, network, connected components, post-processing on the device, geometry/volumes on the
+host, writing). "first scan" is the whole process up to the end of the first scan (Python and
+JAX start-up, loading the weights, compilation), the figure to set against the original's whole
+run; "following" is the mean of the later scans. ``--vol``/``--post`` also write the volumes
+CSV / the posteriors (.nii) of each scan, like the parity runs (parc+qc writes the QC CSV).
+``--original-from WORK`` takes the original's seconds and peak memory from the whole-run parity
+harness's runs (``WORK/runs/<input>/<mode>/original/time.txt``, see
+tools/parity/run_pipeline_parity.py) instead of running it again. ``--original`` also runs the unmodified original from
 ``.parity/`` (see tools/parity/README.md) on one scan per mode: a long run (minutes per mode,
 ~10 GB); REFERENCE.md says which modes need ``--original-threads 1``.
 Wall-clock times depend on the machine's load, printed with every result.
@@ -19,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -55,6 +64,11 @@ def inner(args: argparse.Namespace) -> None:
     with open(os.path.join(work, "out.txt"), "w") as handle:
         handle.write("\n".join(os.path.join(work, f"seg{n}.nii.gz") for n in range(args.scans)) + "\n")
     flags = dict(MODES[args.inner])
+    for key, on, ext in (("vol", args.vol, "csv"), ("post", args.post, "nii")):
+        if on:
+            with open(os.path.join(work, f"{key}.txt"), "w") as handle:
+                handle.write("\n".join(os.path.join(work, f"{key}{n}.{ext}") for n in range(args.scans)) + "\n")
+            flags[key] = os.path.join(work, f"{key}.txt")
     if flags.pop("qc", False):
         with open(os.path.join(work, "qc.txt"), "w") as handle:
             handle.write("\n".join(os.path.join(work, f"qc{n}.csv") for n in range(args.scans)) + "\n")
@@ -74,6 +88,8 @@ def inner(args: argparse.Namespace) -> None:
 def run_ours(args: argparse.Namespace, mode: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--inner", mode, "--input", args.input,
            "--models", args.models, "--scans", str(args.scans), "--threads", str(args.threads)]
+    cmd += ["--vol"] if args.vol else []
+    cmd += ["--post"] if args.post else []
     if args.crop:
         cmd += ["--crop", str(args.crop)]
     start = time.perf_counter()
@@ -106,20 +122,54 @@ def run_original(args: argparse.Namespace, mode: str) -> dict:
             "threads": args.original_threads}
 
 
+def original_from(args: argparse.Namespace, mode: str) -> dict | None:
+    """The original's wall seconds and peak RSS from a whole-run parity harness run."""
+    name = os.path.basename(args.input).replace(".nii.gz", "").replace(".nii", "")
+    run = os.path.join(args.original_from, "runs", name, mode, "original")
+    path = os.path.join(run, "time.txt")
+    if not os.path.isfile(path):
+        return None
+    text = open(path).read()
+    wall = re.search(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)", text).groups()
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1))
+    threads = re.search(r"--threads (\d+)", open(os.path.join(run, "cmd.txt")).read()).group(1)
+    loads = open(os.path.join(run, "load_before.txt")).read().split("load average:")[-1].strip()
+    ok = open(os.path.join(run, "rc")).read().strip() == "0"
+    return {"mode": mode, "wall": int(wall[0] or 0) * 3600 + int(wall[1]) * 60 + float(wall[2]),
+            "peak_rss_gb": rss / 2**20, "ok": ok, "threads": int(threads), "load": loads, "run": run}
+
+
+STAGES = ("read", "preprocess", "compile", "network", "components", "postprocess", "geometry", "write")
+
+
 def table(ours: list[dict], original: dict[str, dict]) -> str:
-    lines = ["| mode | first scan s (compile s) | following scans s | network s | components s | "
-             "post-processing s | peak RSS GB | original s (GB) | load |",
+    """Seconds per scan and peak memory, ours against the original, and where our time goes."""
+    lines = ["| mode | ours: first scan s (of which compile) | ours: following scan s | ours peak GB | "
+             "original s (threads) | original peak GB | original / ours (first) | original / ours (following) | "
+             "load (ours; original) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in ours:
         first, rest = r["timings"][0], r["timings"][1:]
         following = sum(t["total"] for t in rest) / len(rest) if rest else float("nan")
-        timing = rest[0] if rest else first
+        first_process = r["process_wall"] - sum(t["total"] for t in rest)
         orig = original.get(r["mode"])
-        orig_text = (f"{orig['wall']:.0f} ({orig['peak_rss_gb']:.1f})" if orig and orig["ok"]
-                     else ("failed" if orig else "-"))
-        lines.append(f"| {r['mode']} | {first['total']:.1f} ({first.get('compile', 0):.1f}) | "
-                     f"{following:.1f} | {timing['network']:.1f} | {timing['components']:.1f} | "
-                     f"{timing['postprocess']:.1f} | {r['peak_rss_gb']:.1f} | {orig_text} | {r['load']} |")
+        if orig and orig["ok"]:
+            o = (f"{orig['wall']:.0f} ({orig['threads']})", f"{orig['peak_rss_gb']:.1f}",
+                 f"{orig['wall'] / first_process:.2f}", f"{orig['wall'] / following:.2f}")
+        else:
+            o = ("failed" if orig else "-", "-", "-", "-")
+        lines.append(f"| {r['mode']} | {first_process:.0f} ({first.get('compile', 0):.0f}) | "
+                     f"{following:.0f} | {r['peak_rss_gb']:.1f} | {' | '.join(o)} | "
+                     f"{r['load']}; {orig['load'] if orig else '-'} |")
+    lines += ["", "Where our time goes (s; the following scan, compile from the first):", "",
+              "| mode | process start-up + weights | " + " | ".join(STAGES) + " | total |",
+              "|---|---|" + "---|" * len(STAGES) + "---|"]
+    for r in ours:
+        first, rest = r["timings"][0], r["timings"][1:]
+        timing = dict(rest[0] if rest else first, compile=first.get("compile", 0.0))
+        startup = r["process_wall"] - sum(t["total"] for t in r["timings"])
+        lines.append(f"| {r['mode']} | {startup:.0f} | " + " | ".join(f"{timing.get(k, 0.0):.1f}" for k in STAGES)
+                     + f" | {(rest[0] if rest else first)['total']:.1f} |")
     return "\n".join(lines)
 
 
@@ -133,6 +183,10 @@ def main() -> None:
     parser.add_argument("--crop", type=int, default=None)
     parser.add_argument("--original", action="store_true")
     parser.add_argument("--original-threads", type=int, default=2)
+    parser.add_argument("--original-from", default=None,
+                        help="parity harness work dir whose original runs to report")
+    parser.add_argument("--vol", action="store_true", help="also write each scan's volumes CSV")
+    parser.add_argument("--post", action="store_true", help="also write each scan's posteriors")
     parser.add_argument("--json", default=None)
     parser.add_argument("--inner", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -146,6 +200,10 @@ def main() -> None:
         if args.original:
             original[mode] = run_original(args, mode)
             print(f"original {mode}: {original[mode]}", flush=True)
+        elif args.original_from:
+            found = original_from(args, mode)
+            if found:
+                original[mode] = found
     print(table(ours, original))
     if args.json:
         with open(args.json, "w") as handle:

@@ -359,7 +359,17 @@ class Runner:
         start = time.perf_counter()
         from synthseg_jax.inference.postprocess import assemble_volumes, to_input_grid, to_scan_grid
 
+        stages: dict[str, float] = {}   # host stages around the network's (seconds)
+        mark = time.perf_counter()
+
+        def lap(name: str) -> None:
+            nonlocal mark
+            now = time.perf_counter()
+            stages[name] = stages.get(name, 0.0) + now - mark
+            mark = now
+
         scan = load_scan(job.image)
+        lap("read")
         if scan.n_channels > 1:
             self.say(f"WARNING: {job.image}: {scan.n_channels} channels, only the first is used", err=True)
         for path in job.outputs():
@@ -368,7 +378,9 @@ class Runner:
             if path and image_extension(path) is None:
                 raise ScanError(f"{path}: output needs a .nii, .nii.gz or .mgz extension")
         prep = preprocess(scan, crop=self.crop, ct=bool(self.opts.ct), min_pad=self.opts.min_pad)
+        lap("preprocess")
         net = self.predictor.predict(prep.image, prep.pad_idx, posteriors=bool(job.post))
+        mark = time.perf_counter()
         seg = to_scan_grid(net.seg, prep)
         post = to_scan_grid(net.posteriors, prep, fill_background=True) if job.post else None
         affine = prep.affine
@@ -381,6 +393,7 @@ class Runner:
         subject = subject_name(job.image)
         vol_row = [subject] + format_volumes(volumes)
         qc_row = [subject] + format_qc(net.qc_scores) if net.qc_scores is not None else None
+        lap("geometry")
 
         with AtomicWriter() as writer:
             writer.image(seg, affine, prep.header, job.seg, np.int32)
@@ -400,13 +413,15 @@ class Runner:
             if self.qc_table is not None and qc_row is not None:
                 writer.text(self.qc_table.pending(qc_row), self.qc_table.path)
             writer.commit()
+        lap("write")
         if self.vol_table is not None:
             self.vol_table.add(vol_row)
         if self.qc_table is not None and qc_row is not None:
             self.qc_table.add(qc_row)
         if job.resample and prep.resampled is None:
             self.say(f"{job.image}: already at 1 mm, no resampled image written")
-        timing = dict(net.seconds, total=time.perf_counter() - start)
+        timing = dict(stages, **net.seconds)
+        timing["total"] = time.perf_counter() - start
         self.timings.append(timing)
         log.info("%s: %s", os.path.basename(job.image),
                  ", ".join(f"{k} {v:.1f} s" for k, v in timing.items() if k != "compile" or v > 0.5))
