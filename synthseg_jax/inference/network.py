@@ -33,6 +33,7 @@ from synthseg_jax.inference.postprocess import (
     CLASS_THRESHOLD,
     FAST_THRESHOLD,
     keep_masks,
+    original_sums,
     topology_groups,
 )
 from synthseg_jax.labels import LabelTableError, LabelTables
@@ -194,18 +195,6 @@ def _renormalise(post: jax.Array) -> jax.Array:
     return jnp.where(total > 0, post / jnp.where(total > 0, total, 1), post)
 
 
-def _region_sums(post: jax.Array, idx: jax.Array) -> jax.Array:
-    """Per-channel sums of (X, Y, Z, C) inside the box idx = [x0, y0, z0, x1, y1, z1], axis by axis
-    (short float32 accumulations)."""
-    for axis in (2, 1, 0):
-        coord = jnp.arange(post.shape[axis])
-        inside = (coord >= idx[axis]) & (coord < idx[axis + 3])
-        shape = [1] * post.ndim
-        shape[axis] = post.shape[axis]
-        post = jnp.sum(jnp.where(inside.reshape(shape), post, 0), axis=axis)
-    return post
-
-
 @dataclasses.dataclass
 class PaddedResult:
     """``Predictor.predict``'s results, still on the padded RAS grid (host arrays)."""
@@ -213,6 +202,7 @@ class PaddedResult:
     seg: np.ndarray                       # (X, Y, Z) int32 labels (parcellation in the cortex)
     posteriors: np.ndarray | None         # (X, Y, Z, C) float32 cleaned posteriors, if asked for
     sums: np.ndarray                      # per non-background channel, inside the unpadded region
+                                          # (as the original sums them: see original_sums)
     parc_sums: np.ndarray | None
     qc_scores: np.ndarray | None
     seconds: dict[str, float]
@@ -296,10 +286,11 @@ class Predictor:
         return out
 
     def _finish(self, post: jax.Array, brain_keep: jax.Array, class_keep: jax.Array | None,
-                pad_idx: jax.Array, parc: jax.Array | None) -> dict[str, jax.Array]:
+                parc: jax.Array | None) -> dict[str, jax.Array]:
         """Post-processing on the padded grid once the connected components are known: zero what
         lies outside them (or below 0.2 in fast mode), renormalise, argmax -> labels,
-        parcellation in the cortex, and the per-channel sums over the unpadded region."""
+        parcellation in the cortex (its posteriors renormalised as the original keeps them for
+        the volumes)."""
         post = post.at[..., 1:].multiply(brain_keep[..., None].astype(post.dtype))
         if class_keep is None:
             post = post.at[..., 1:].multiply((post[..., 1:] > FAST_THRESHOLD).astype(post.dtype))
@@ -309,12 +300,12 @@ class Predictor:
             post = post * factor.astype(post.dtype)
         post = _renormalise(post)
         seg = self._labels[jnp.argmax(post, axis=-1)]
-        out = {"posteriors": post, "sums": _region_sums(post[..., 1:], pad_idx)}
+        out = {"posteriors": post}
         if parc is not None:
             cortex = jnp.isin(seg, jnp.asarray(CORTEX_LABELS))
             parc = _renormalise(parc.at[..., 0].set((~cortex).astype(parc.dtype)))
             seg = jnp.where(cortex, self._parc_labels[jnp.argmax(parc, axis=-1)], seg)
-            out["parc_sums"] = _region_sums(parc[..., 1:], pad_idx)
+            out["parc"] = parc
         out["seg"] = seg.astype(jnp.int32)
         return out
 
@@ -339,14 +330,16 @@ class Predictor:
         n_groups = len(self._groups)
         args = (f32(*shape, tables.n_labels), boolean(*shape),
                 None if self.mode.is_fast else boolean(n_groups, *shape),
-                jax.ShapeDtypeStruct((6,), jnp.int32),
                 f32(*shape, len(tables.parcellation)) if self.mode.parc else None)
         return jax.jit(self._finish).lower(*args).compile()
 
-    def predict(self, image: np.ndarray, pad_idx: np.ndarray, posteriors: bool = False) -> PaddedResult:
+    def predict(self, image: np.ndarray, pad_idx: np.ndarray, posteriors: bool = False,
+                volume_dtype=np.float32, alignment=None) -> PaddedResult:
         """The networks and the whole post-processing but the geometry: ``image`` is the padded
-        network input, ``pad_idx`` where the scan sits in it. Posteriors come back to the host
-        only if asked for."""
+        network input, ``pad_idx`` where the scan sits in it. Posteriors are returned only if
+        asked for. The volumes' sums are taken on the host as the original takes them
+        (``original_sums``: ``volume_dtype`` float32 unless the scan was cropped, then float64;
+        ``alignment`` the scan's RAS alignment, which sets the order of the additions)."""
         seconds = {}
         start = time.perf_counter()
         image = np.asarray(image, dtype=np.float32)
@@ -362,16 +355,20 @@ class Predictor:
         brain_keep, class_keep = keep_masks(brain, class_masks, pad_idx, self.mode.is_fast)
         seconds["components"] = time.perf_counter() - start
         start = time.perf_counter()
-        fin = self._compiled_finish[tuple(image.shape)](out["seg"], brain_keep, class_keep, pad_idx,
+        fin = self._compiled_finish[tuple(image.shape)](out["seg"], brain_keep, class_keep,
                                                         out.get("parc"))
-        result = PaddedResult(
-            seg=np.asarray(fin["seg"]),
-            posteriors=np.asarray(fin["posteriors"]) if posteriors else None,
-            sums=np.asarray(fin["sums"], dtype=np.float64),
-            parc_sums=np.asarray(fin["parc_sums"], dtype=np.float64) if "parc_sums" in fin else None,
-            qc_scores=np.asarray(out["qc"]) if "qc" in out else None, seconds=seconds)
+        seg = np.asarray(fin["seg"])
+        post = np.asarray(fin["posteriors"])
+        parc = np.asarray(fin["parc"]) if "parc" in fin else None
         seconds["postprocess"] = time.perf_counter() - start
-        return result
+        start = time.perf_counter()
+        sums = original_sums(post, pad_idx, volume_dtype, alignment)
+        # the original sums the parcellation posteriors on the RAS grid, always in float32
+        parc_sums = original_sums(parc, pad_idx, np.float32) if parc is not None else None
+        seconds["volumes"] = time.perf_counter() - start
+        return PaddedResult(seg=seg, posteriors=post if posteriors else None, sums=sums,
+                            parc_sums=parc_sums,
+                            qc_scores=np.asarray(out["qc"]) if "qc" in out else None, seconds=seconds)
 
     def __call__(self, image: np.ndarray) -> NetworkOutput:
         image = np.asarray(image, dtype=np.float32)

@@ -10,8 +10,9 @@ CSV layout of the original:
   extra ``total intracranial`` column comes first; with ``parc`` the parcellation names follow;
   QC columns are the QC class names (first occurrence per class, background class left out);
 * the subject is the file's base name with a trailing ``.nii.gz`` removed (other extensions
-  stay, as in the original); volumes are written as Python prints the value rounded to 3
-  decimals, QC scores clipped to [0, 1] with 4 decimals;
+  stay, as in the original); volumes are written as numpy 1.23 prints the value rounded to 3
+  decimals (float32 when the original sums float32 posteriors: ``format_volumes``), QC scores
+  clipped to [0, 1] with 4 decimals;
 * rows end with ``\\r\\n`` (the csv module's default dialect, which the original uses).
 """
 
@@ -61,7 +62,13 @@ def subject_name(path: str) -> str:
 
 
 def format_volumes(volumes: np.ndarray) -> list[str]:
-    return [str(float(v)) for v in np.round(np.asarray(volumes, dtype=np.float64), 3)]
+    """Volumes as the original writes them (``str`` of numpy 1.23 scalars, rounded to 3 decimals):
+    float64 as Python prints it; float32 with the shortest digits that identify the float32
+    value, always positional (``6826766.0``; numpy 2 would print ``6.826766e+06``)."""
+    volumes = np.asarray(volumes)
+    if volumes.dtype == np.float32:
+        return [np.format_float_positional(v, unique=True, trim="0") for v in np.around(volumes, 3)]
+    return [str(float(v)) for v in np.round(volumes.astype(np.float64), 3)]
 
 
 def format_qc(scores: np.ndarray) -> list[str]:

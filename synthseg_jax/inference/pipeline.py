@@ -357,7 +357,12 @@ class Runner:
     def segment(self, job: Job) -> float:
         """Everything for one scan; raises on any problem, having written nothing."""
         start = time.perf_counter()
-        from synthseg_jax.inference.postprocess import assemble_volumes, to_input_grid, to_scan_grid
+        from synthseg_jax.inference.postprocess import (
+            assemble_volumes,
+            to_input_grid,
+            to_scan_grid,
+            volume_dtype,
+        )
 
         stages: dict[str, float] = {}   # host stages around the network's (seconds)
         mark = time.perf_counter()
@@ -379,7 +384,9 @@ class Runner:
                 raise ScanError(f"{path}: output needs a .nii, .nii.gz or .mgz extension")
         prep = preprocess(scan, crop=self.crop, ct=bool(self.opts.ct), min_pad=self.opts.min_pad)
         lap("preprocess")
-        net = self.predictor.predict(prep.image, prep.pad_idx, posteriors=bool(job.post))
+        net = self.predictor.predict(prep.image, prep.pad_idx, posteriors=bool(job.post),
+                                     volume_dtype=volume_dtype(prep.crop_idx is not None),
+                                     alignment=prep.alignment)
         mark = time.perf_counter()
         seg = to_scan_grid(net.seg, prep)
         post = to_scan_grid(net.posteriors, prep, fill_background=True) if job.post else None

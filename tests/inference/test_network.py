@@ -153,7 +153,8 @@ def test_predict_matches_the_numpy_postprocess(tiny_nets, tables, fast):
     prep = preprocess(Scan("s.nii.gz", data, lia, None, np.ones(3)), crop=[32, 24, 32])
     mode = Mode(fast=fast, parc=True)
     predictor = Predictor(networks(tiny_nets, tables, ("2.0", "parc")), mode)
-    res = predictor.predict(prep.image, prep.pad_idx, posteriors=True)
+    res = predictor.predict(prep.image, prep.pad_idx, posteriors=True, volume_dtype=np.float64,
+                            alignment=prep.alignment)
     raw = predictor(prep.image)
     ref = postprocess(raw.posteriors, prep, tables, fast=fast, v1=False,
                       parc_posteriors=raw.parc_posteriors)

@@ -56,6 +56,10 @@ def test_row_formats():
     assert subject_name("/a/b/sub-01_T1w.nii.gz") == "sub-01_T1w"
     assert subject_name("/a/b/scan.mgz") == "scan.mgz"  # the original only strips .nii.gz
     assert format_volumes(np.array([1234.5678, 2.0, 0.0004])) == ["1234.568", "2.0", "0.0"]
+    # float32 volumes (the original sums float32 posteriors): numpy 1.23's str, always
+    # positional (values from the original's CSV for the MNI T1)
+    assert format_volumes(np.array([6826766.0, 1100294.8, 0.0, 4359.813, 144813.31], np.float32)) == [
+        "6826766.0", "1100294.8", "0.0", "4359.813", "144813.31"]
     assert format_qc(np.array([0.9, 1.2, -0.1, 0.123456])) == ["1.0000", "0.0000", "0.1235"]
 
 

@@ -2,14 +2,17 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from synthseg_jax.io import Scan
+from synthseg_jax.io import RasAlignment, Scan
 from synthseg_jax.inference.postprocess import (
+    assemble_volumes,
     clean_posteriors,
     compute_volumes,
     largest_component,
     largest_component_fast,
+    original_sums,
     parcellate,
     postprocess,
+    volume_dtype,
 )
 from synthseg_jax.inference.preprocess import preprocess
 from synthseg_jax.labels import LabelTables
@@ -160,3 +163,52 @@ def test_postprocess_undoes_crop_pad_and_alignment():
     assert result.seg.dtype == np.int32 and result.posteriors.shape == shape + (6,)
     np.testing.assert_allclose(result.posteriors[~crop_mask, 0], 1)
     np.testing.assert_array_equal(result.affine, lia)
+
+
+def test_original_sums_accumulate_in_float32_voxel_after_voxel():
+    """Regression (whole-run parity, MNI T1): the original's volumes are float32 numpy sums over
+    (X, Y, Z) that add one voxel after another; on a whole brain they are off by up to ~1 %
+    (CSF 521698 instead of 528397 mm^3), and the CSV must match them."""
+    post = np.zeros((104, 102, 101, 3), np.float32)
+    post[2:102, 1:101, 0:100] = [0.8, 0.1, 0.1]
+    pad = np.array([2, 1, 0, 102, 101, 100])
+    sums = original_sums(post, pad, np.float32)
+    assert sums.dtype == np.float32
+    sequential = np.add.accumulate(post[2:102, 1:101, 0:100, 1:].reshape(-1, 2), axis=0)[-1]
+    np.testing.assert_array_equal(sums, sequential)       # bit for bit
+    assert abs(float(sums[0]) - 1e5) > 500                # far from exact: 100958.34
+    exact = original_sums(post, pad, np.float64)
+    assert exact.dtype == np.float64 and abs(exact[0] - 1e6 * np.float64(np.float32(0.1))) < 1e-6
+    assert volume_dtype(cropped=False) == np.float32 and volume_dtype(cropped=True) == np.float64
+
+
+def test_original_sums_follow_the_alignment_view():
+    """The order of the additions, hence the float32 result, depends on the view the original
+    sums (the posteriors after undoing the RAS alignment)."""
+    rng = np.random.default_rng(0)
+    post = rng.random((30, 40, 50, 4), dtype=np.float32)
+    pad = np.array([1, 2, 3, 29, 38, 47])
+    lia = np.array([[-1, 0, 0, 0], [0, 0, 1, 0], [0, -1, 0, 0], [0, 0, 0, 1.0]])
+    alignment = RasAlignment.from_affine(lia)
+    region = post[1:29, 2:38, 3:47]
+    expected = np.sum(alignment.from_ras(region)[..., 1:], axis=(0, 1, 2))
+    np.testing.assert_array_equal(original_sums(post, pad, np.float32, alignment), expected)
+    np.testing.assert_array_equal(original_sums(post, pad, np.float32),
+                                  np.sum(region[..., 1:], axis=(0, 1, 2)))
+
+
+def test_assemble_volumes_keeps_the_original_dtypes():
+    """numpy 1.23 (the original's) keeps an array's dtype when it is operated with a scalar."""
+    labels = small_tables().segmentation
+    sums = np.array([1.5, 2.25, 3.0, 4.0, 0.125], np.float32)
+    vol = assemble_volumes(sums, labels, np.array([1.0, 1.0, 1.0]), v1=False)
+    assert vol.dtype == np.float32 and vol[0] == np.float32(10.875)
+    parc = np.array([1.0, 3.0], np.float32)
+    vol = assemble_volumes(sums.astype(np.float64), labels, np.ones(3), v1=False, parc_sums=parc)
+    # float64 volumes, float32 parcellation volumes (rescaled in float32), then float64
+    assert vol.dtype == np.float64
+    cortex = np.float32(sums[0] + sums[3])  # entries (index of 3, 42) - 1 of [total, ...]
+    np.testing.assert_array_equal(vol[-2:], np.around((parc / np.float32(4) * cortex).astype(np.float64), 3))
+    # the voxel volume is the float32 product of the header's voxel sizes
+    vol = assemble_volumes(sums.astype(np.float64), labels, np.array([0.9, 0.9, 1.2]), v1=True)
+    np.testing.assert_array_equal(vol, np.around(sums.astype(np.float64) * np.float64(np.prod(np.float32([0.9, 0.9, 1.2]))), 3))
