@@ -446,7 +446,7 @@ def diagnose_robust(args, in_path: str, run: str, crop) -> dict:
                os.path.join(HERE, "keras_forward.py"), "--script",
                os.path.join(args.parity_dir, "mri_synthseg"), "--models", os.path.abspath(args.models),
                "--inputs", os.path.join(work_dir, "inputs.npz"), "--out", keras_out, "--extras",
-               "--threads", str(args.low_mem_threads)]
+               "--predict", "--threads", str(args.low_mem_threads)]   # model.predict, as the script
         with HeavyLock(args.work_dir):
             say("diagnosis: the original's cascade stage by stage (keras_forward.py)")
             subprocess.run(cmd, check=True)
