@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from synthseg_jax.nn.conv import Conv3D
+
 # Keras' defaults, which the published weights were trained with (Flax's epsilon is 1e-5).
 KERAS_BN_EPSILON = 1e-3
 KERAS_BN_MOMENTUM = 0.99
@@ -49,16 +51,9 @@ class UNetConfig:
         return 2 ** (self.nb_levels - 1)
 
 
-def conv3d(features: int, size: int, name: str) -> nn.Conv:
+def conv3d(features: int, size: int, name: str) -> Conv3D:
     """A Keras-equivalent ``Conv3D(padding='same')`` with Keras' Glorot-uniform initialisation."""
-    return nn.Conv(
-        features,
-        kernel_size=(size,) * 3,
-        padding="SAME",
-        kernel_init=nn.initializers.glorot_uniform(),
-        bias_init=nn.initializers.zeros,
-        name=name,
-    )
+    return Conv3D(features, size, name=name)  # nn.Conv's parameters; backend: see nn/conv.py
 
 
 def batch_norm(name: str, train: bool) -> nn.BatchNorm:

@@ -1,0 +1,359 @@
+"""Keras ``Conv3D(padding='same')`` with two backends: XLA's convolution and oneDNN's.
+
+XLA:CPU lowers ``lax.conv_general_dilated`` to a slow generic kernel (~20 GFLOP/s on 2 cores for
+our 3-D U-Nets). The jaxlib wheels also carry oneDNN's convolution kernels, reachable through the
+XLA:CPU custom call ``__onednn$convolution`` (the one XLA's own oneDNN rewriter emits); this module
+emits that call directly from a JAX primitive, with the bias (and optionally an ELU/ReLU) fused.
+
+Backends (:func:`resolve_backend`):
+
+* ``xla``: ``lax.conv_general_dilated``, exactly what ``flax.linen.Conv`` computes;
+* ``onednn``: the custom call, forward and backward (a :func:`jax.custom_vjp`: the input gradient
+  is a 'SAME' convolution of the output gradient with the flipped, in/out-swapped kernel, through
+  ``__onednn$convolution``; the kernel gradient one ``__onednn$matmul`` per kernel offset; the
+  bias gradient an XLA sum). float32 only: other dtypes take the ``xla`` path;
+* ``auto`` (default): ``onednn`` only when JAX's default backend is CPU *and* the installed jaxlib
+  is the version this was verified on (:data:`VERIFIED_JAXLIB`); otherwise ``xla``.
+
+The custom call is an internal XLA interface (its backend-config proto changes between XLA
+versions), hence the exact pin. The environment variable ``SYNTHSEG_JAX_CONV=auto|xla|onednn``
+overrides the default of every layer whose backend is not given explicitly; it is read when the
+layer is traced, so set it before the first jit.
+
+Limitations:
+
+* placement: the primitives lower to the custom calls on CPU only; on other platforms they lower
+  to XLA's convolution and dot, so a forced ``onednn`` is still correct there;
+* sharding: the custom calls carry no partitioning rule, so under SPMD partitioning
+  (``jax.sharding``, e.g. the data-parallel Trainer on several devices) XLA gathers their operands
+  and every device computes the whole batch's convolutions. The numbers are right (tested on a
+  2-device CPU mesh) but the convolutions are not split between devices; for multi-device runs
+  compare with ``SYNTHSEG_JAX_CONV=xla``;
+* XLA cannot serialise executables holding these custom calls: the persistent compilation cache
+  warns ("Error writing persistent compilation cache entry ... std::bad_alloc") and recompiles;
+* no ``vmap`` or forward-mode (``jvp``) rule.
+
+Parameters are those of ``flax.linen.Conv`` (``kernel`` (k, k, k, in, out), Glorot-uniform;
+``bias`` (out,), zeros), so Keras ``.h5`` import/export and orbax checkpoints are unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import os
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.extend.core import Primitive
+from jax.interpreters import mlir
+
+# The jaxlib whose __onednn$convolution custom call (config layout, offsets, fusions) this module
+# was verified against; pyproject.toml pins jax and jaxlib to it.
+VERIFIED_JAXLIB = "0.10.2"
+ENV_VAR = "SYNTHSEG_JAX_CONV"
+BACKENDS = ("auto", "xla", "onednn")
+ACTIVATIONS = (None, "elu", "relu")
+
+# lax.conv_general_dilated's layout of Keras' channels-last 3-D convolution.
+_KERAS_DNUMS = ("NDHWC", "DHWIO", "NDHWC")
+
+
+def installed_jaxlib() -> str:
+    import jaxlib.version
+
+    return jaxlib.version.__version__
+
+
+def resolve_backend(backend: str | None = None) -> str:
+    """``'xla'`` or ``'onednn'``: ``backend``, else ``$SYNTHSEG_JAX_CONV``, else ``'auto'``."""
+    choice = backend if backend else os.environ.get(ENV_VAR, "") or "auto"
+    choice = choice.strip().lower()
+    if choice not in BACKENDS:
+        raise ValueError(f"convolution backend must be one of {BACKENDS}, got {choice!r}")
+    if choice != "auto":
+        return choice
+    if jax.default_backend() == "cpu" and installed_jaxlib() == VERIFIED_JAXLIB:
+        return "onednn"
+    return "xla"
+
+
+# --------------------------------------------------------------------------- the primitive
+#
+# onednn_conv(x, w[, b]; dnums, padding, fusions) is a stride-1, undilated cross-correlation with
+# lax's dimension-number convention: dnums = (lhs_spec, rhs_spec, out_spec), each a tuple of axis
+# indices: lhs/out (batch, feature, spatial...), rhs (out feature, in feature, spatial...).
+# fusions: ('bias', 'elu'|'relu'|None); with 'bias', b is the third operand, shape (out feature,).
+
+_conv_p = Primitive("synthseg_onednn_conv")
+
+
+def _out_shape(x_shape, w_shape, dnums, padding):
+    lhs, rhs, out = dnums
+    shape = [0] * len(x_shape)
+    shape[out[0]] = x_shape[lhs[0]]
+    shape[out[1]] = w_shape[rhs[0]]
+    for i, (lo, hi) in enumerate(padding):
+        shape[out[2 + i]] = x_shape[lhs[2 + i]] + lo + hi - w_shape[rhs[2 + i]] + 1
+    return tuple(shape)
+
+
+def _abstract_eval(x, w, *rest, dnums, padding, fusions):
+    if x.dtype != jnp.float32 or w.dtype != jnp.float32:
+        raise TypeError(f"onednn convolution is float32 only, got {x.dtype} and {w.dtype}")
+    if x.shape[dnums[0][1]] != w.shape[dnums[1][1]]:
+        raise ValueError(f"input features {x.shape[dnums[0][1]]} != kernel's {w.shape[dnums[1][1]]}")
+    return jax.core.ShapedArray(_out_shape(x.shape, w.shape, dnums, padding), x.dtype)
+
+
+def _apply_activation(y, activation):
+    if activation == "elu":
+        return jax.nn.elu(y)
+    if activation == "relu":
+        return jax.nn.relu(y)
+    return y
+
+
+def _xla_conv(x, w, *rest, dnums, padding, fusions):
+    """The same computation with lax (the lowering off CPU, and the reference of the tests)."""
+    lhs, rhs, out = dnums
+    ndim = len(lhs)
+    y = lax.conv_general_dilated(
+        x, w, (1,) * (ndim - 2), list(padding),
+        dimension_numbers=lax.ConvDimensionNumbers(lhs, rhs, out))
+    if "bias" in fusions:
+        shape = [1] * ndim
+        shape[out[1]] = -1
+        y = y + rest[0].reshape(shape)
+    return _apply_activation(y, _activation_of(fusions))
+
+
+def _activation_of(fusions):
+    acts = [f for f in fusions if f in ("elu", "relu")]
+    return acts[0] if acts else None
+
+
+_FUSION_KINDS = {"bias": "BIAS", "relu": "RELU", "elu": "ELU"}
+
+
+def _backend_config(dnums, padding, fusions, ndim) -> str:
+    """The XLA:CPU BackendConfig (JSON) of one convolution: layouts as axis indices, window as is,
+    dilations stored +1 (oneDNN counts a plain window as dilation 0), as jaxlib 0.10.2 reads it."""
+    lhs, rhs, out = dnums
+    n_sp = ndim - 2
+
+    def data(spec):
+        return {"dims": ndim, "data": {"batch_dim": spec[0], "feature_dim": spec[1],
+                                       "spatial_dims": list(spec[2:])}}
+
+    conv = {
+        "dims": ndim,
+        "input": data(lhs),
+        "kernel": {"dims": ndim, "filter": {"input_feature_dim": rhs[1], "output_feature_dim": rhs[0],
+                                            "spatial_dims": list(rhs[2:])}},
+        "output": data(out),
+        "window": {"pad_left": [p[0] for p in padding], "pad_right": [p[1] for p in padding],
+                   "strides": [1] * n_sp, "window_dilations": [1] * n_sp},
+        "feature_groups": 1,
+    }
+    ops = [_FUSION_KINDS[f] for f in fusions if f]
+    if ops:
+        conv["fusions"] = {"ops": ops}
+    return json.dumps({"onednn_conv_config": conv})
+
+
+def _cpu_lowering(ctx, x, w, *rest, dnums, padding, fusions):
+    aval_out, = ctx.avals_out
+    ndim = len(aval_out.shape)
+    operands = [x, w, *rest]
+    row_major = lambda a: list(range(len(a.shape) - 1, -1, -1))  # noqa: E731
+    from jax._src.interpreters.mlir import custom_call
+
+    op = custom_call(
+        "__onednn$convolution",
+        result_types=[mlir.aval_to_ir_type(ctx.module_context, aval_out)],
+        operands=operands,
+        backend_config=_backend_config(dnums, padding, fusions, ndim),
+        api_version=1,
+        operand_layouts=[row_major(a) for a in ctx.avals_in],
+        result_layouts=[row_major(aval_out)],
+    )
+    return op.results
+
+
+def _impl_of(prim, *args, **params):
+    from jax._src import dispatch
+
+    return dispatch.apply_primitive(prim, *args, **params)
+
+
+_conv_p.def_impl(functools.partial(_impl_of, _conv_p))
+_conv_p.def_abstract_eval(_abstract_eval)
+mlir.register_lowering(_conv_p, mlir.lower_fun(_xla_conv, multiple_results=False))
+mlir.register_lowering(_conv_p, _cpu_lowering, platform="cpu")
+
+
+_matmul_p = Primitive("synthseg_onednn_matmul_tn")
+
+
+def _matmul_abstract(a, b):
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[0]:
+        raise ValueError(f"a^T b needs (L, m) and (L, n), got {a.shape} and {b.shape}")
+    return jax.core.ShapedArray((a.shape[1], b.shape[1]), a.dtype)
+
+
+def _matmul_cpu_lowering(ctx, a, b):
+    aval_out, = ctx.avals_out
+    from jax._src.interpreters.mlir import custom_call
+
+    config = json.dumps({"onednn_matmul_config": {"transpose_a": True, "transpose_b": False}})
+    return custom_call(
+        "__onednn$matmul",
+        result_types=[mlir.aval_to_ir_type(ctx.module_context, aval_out)],
+        operands=[a, b], backend_config=config, api_version=1,
+        operand_layouts=[[1, 0], [1, 0]], result_layouts=[[1, 0]]).results
+
+
+_matmul_p.def_impl(functools.partial(_impl_of, _matmul_p))
+_matmul_p.def_abstract_eval(_matmul_abstract)
+mlir.register_lowering(_matmul_p, mlir.lower_fun(lambda a, b: a.T @ b, multiple_results=False))
+mlir.register_lowering(_matmul_p, _matmul_cpu_lowering, platform="cpu")
+
+
+def onednn_matmul_tn(a, b):
+    """``a.T @ b`` for a (L, m), b (L, n) through oneDNN's matmul (XLA off CPU)."""
+    return _matmul_p.bind(a, b)
+
+
+def onednn_conv(x, w, b=None, *, dnums, padding, activation=None):
+    """One call of the primitive (no autodiff rule: see :func:`conv3d_same`)."""
+    fusions = (("bias",) if b is not None else ()) + ((activation,) if activation else ())
+    operands = (x, w) if b is None else (x, w, b)
+    return _conv_p.bind(*operands, dnums=tuple(map(tuple, dnums)),
+                        padding=tuple(map(tuple, padding)), fusions=fusions)
+
+
+# --------------------------------------------------------------------------- 'SAME', NDHWC
+
+def same_padding(kernel_shape: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    """TensorFlow/lax 'SAME' at stride 1: the extra pixel of an even kernel goes at the end."""
+    return tuple(((k - 1) // 2, k - 1 - (k - 1) // 2) for k in kernel_shape)
+
+
+# NDHWC input and output, DHWIO kernel (lax specs: batch/out-feature first, then feature/in).
+_FWD = ((0, 4, 1, 2, 3), (4, 3, 0, 1, 2), (0, 4, 1, 2, 3))
+# input gradient: dy (NDHWC) with the kernel read as DHWOI (its out axis is the contraction).
+_BWD_INPUT = ((0, 4, 1, 2, 3), (3, 4, 0, 1, 2), (0, 4, 1, 2, 3))
+
+
+def _act_grad_from_output(y, activation):
+    """d act / d z as a function of act(z): ELU' = 1 (y > 0) or y + 1; ReLU' = 1 (y > 0) or 0."""
+    if activation == "elu":
+        return jnp.where(y > 0, 1.0, y + 1.0).astype(y.dtype)
+    return (y > 0).astype(y.dtype)
+
+
+def _kernel_grad(x, g, kernel_shape, pad):
+    """dw[a, b, c] = sum over voxels of x_pad[v + (a, b, c)]^T g[v]: one (C_in, C_out) oneDNN
+    matmul per kernel offset over the flattened batch and voxels, in a ``lax.scan`` (the unrolled
+    27 slices + matmuls run as fast but compile 2-3x slower).
+
+    Measured alternatives (2 cores, 96^3, 24 -> 24): this ~1.5 s; XLA's own kernel gradient
+    3-5 s; oneDNN's forward convolution (the only one XLA exposes) asked for the reduction with
+    the output gradient as a 96^3 kernel runs out of memory, and in 8^3 blocks takes ~4 s;
+    grouping offsets into wider matmuls costs more in copies than it saves.
+    """
+    n, *spatial, c_in = x.shape
+    c_out = g.shape[-1]
+    xp = jnp.pad(x, ((0, 0), *pad, (0, 0)))
+    gf = g.reshape(-1, c_out)
+    offsets = list(itertools.product(*(range(k) for k in kernel_shape[:3])))
+    if len(offsets) == 1:
+        return onednn_matmul_tn(x.reshape(-1, c_in), gf).reshape(kernel_shape)
+
+    def one(_, offset):
+        start = (0, offset[0], offset[1], offset[2], 0)
+        window = lax.dynamic_slice(xp, start, (n, *spatial, c_in))
+        return None, onednn_matmul_tn(window.reshape(-1, c_in), gf)
+
+    _, blocks = lax.scan(one, None, jnp.asarray(offsets, jnp.int32))
+    return blocks.reshape(kernel_shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _onednn_conv3d_same(x, w, b, activation):
+    return onednn_conv(x, w, b, dnums=_FWD, padding=same_padding(w.shape[:3]), activation=activation)
+
+
+def _fwd(x, w, b, activation):
+    y = _onednn_conv3d_same(x, w, b, activation)
+    return y, (x, w, y if activation else None)
+
+
+def _bwd(activation, res, g):
+    x, w, y = res
+    if activation:
+        g = g * _act_grad_from_output(y, activation)
+    pad = same_padding(w.shape[:3])
+    flipped = jnp.flip(w, axis=(0, 1, 2))
+    dx = onednn_conv(g, flipped, dnums=_BWD_INPUT, padding=tuple((hi, lo) for lo, hi in pad))
+    dw = _kernel_grad(x, g, w.shape, pad)
+    db = jnp.sum(g, axis=(0, 1, 2, 3))
+    return dx, dw, db
+
+
+_onednn_conv3d_same.defvjp(_fwd, _bwd)
+
+
+def xla_conv3d_same(x, w, b, activation=None):
+    y = lax.conv_general_dilated(x, w, (1, 1, 1), "SAME", dimension_numbers=_KERAS_DNUMS)
+    return _apply_activation(y + b, activation)
+
+
+def conv3d_same(x: jax.Array, w: jax.Array, b: jax.Array, *, backend: str | None = None,
+                activation: str | None = None) -> jax.Array:
+    """``act(conv(x, w) + b)`` with 'SAME' padding: x (N, D, H, W, C_in), w (k, k, k, C_in, C_out),
+    b (C_out,). ``backend`` as in :func:`resolve_backend`; ``activation`` None, 'elu' or 'relu'."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if resolve_backend(backend) == "onednn" and x.dtype == w.dtype == b.dtype == jnp.float32:
+        return _onednn_conv3d_same(x, w, b, activation)
+    return xla_conv3d_same(x, w, b, activation)
+
+
+class Conv3D(nn.Module):
+    """Keras ``Conv3D(features, kernel_size, padding='same')`` (+ an optional fused activation).
+
+    Drop-in for ``nn.Conv(features, (k,) * 3, padding='SAME')``: same parameter names, shapes and
+    initialisers. ``backend``: 'auto', 'xla', 'onednn' or None (= ``$SYNTHSEG_JAX_CONV``, default
+    'auto'), resolved when the layer is traced.
+    """
+
+    features: int
+    kernel_size: int | Sequence[int]
+    backend: str | None = None
+    activation: str | None = None
+    kernel_init: Callable = nn.initializers.glorot_uniform()
+    bias_init: Callable = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        ks = self.kernel_size
+        ks = tuple(ks) if isinstance(ks, Sequence) else (ks,) * 3
+        if len(ks) != 3:
+            raise ValueError(f"Conv3D needs a 3-D kernel size, got {ks}")
+        kernel = self.param("kernel", self.kernel_init, ks + (x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=None)
+        batch_shape = x.shape[:-4]
+        if len(batch_shape) != 1:  # like nn.Conv: no batch axis, or several, are flattened to one
+            x = x.reshape((int(np.prod(batch_shape)),) + x.shape[-4:])
+        y = conv3d_same(x, kernel, bias, backend=self.backend, activation=self.activation)
+        if len(batch_shape) != 1:
+            y = y.reshape(batch_shape + y.shape[1:])
+        return y

@@ -1,0 +1,188 @@
+"""The oneDNN convolution backend against XLA's: layer forward and gradients, a whole U-Net, the
+backend choice, parameter compatibility with ``flax.linen.Conv`` and a sharded (2-device) step."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from synthseg_jax.nn import conv as conv_mod
+from synthseg_jax.nn.conv import ENV_VAR, Conv3D, conv3d_same, resolve_backend
+from synthseg_jax.nn.unet import UNet, UNetConfig
+
+ONEDNN_AVAILABLE = jax.default_backend() == "cpu"
+needs_cpu = pytest.mark.skipif(not ONEDNN_AVAILABLE, reason="the oneDNN custom call is XLA:CPU's")
+
+
+def assert_close(actual, expected, rtol=1e-4):
+    """Agreement relative to the largest magnitude (float32 sums in different orders)."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape
+    scale = max(float(np.max(np.abs(expected))), 1e-12)
+    assert float(np.max(np.abs(actual - expected))) <= rtol * scale
+
+
+def random_inputs(seed, shape, k, c_in, c_out):
+    r = np.random.default_rng(seed)
+    x = r.standard_normal(shape + (c_in,), dtype=np.float32)
+    w = (r.standard_normal((k, k, k, c_in, c_out), dtype=np.float32) / np.sqrt(k**3 * c_in))
+    b = r.standard_normal((c_out,), dtype=np.float32)
+    probe = r.standard_normal(shape + (c_out,), dtype=np.float32)  # a generic output gradient
+    return tuple(map(jnp.asarray, (x, w, b, probe)))
+
+
+CASES = [  # kernel, channels in -> out, (batch, D, H, W), fused activation
+    (3, 1, 24, (1, 8, 8, 8), "elu"),
+    (3, 24, 24, (1, 7, 9, 8), None),
+    (3, 48, 24, (2, 6, 5, 7), "elu"),
+    (5, 8, 33, (1, 9, 8, 10), "relu"),
+    (1, 24, 33, (2, 5, 6, 7), None),
+    (1, 8, 33, (1, 8, 8, 8), "elu"),
+]
+
+
+@needs_cpu
+@pytest.mark.parametrize("k,c_in,c_out,shape,activation", CASES)
+def test_layer_forward_and_gradients_match_xla(k, c_in, c_out, shape, activation):
+    x, w, b, probe = random_inputs(k + c_in + c_out, shape, k, c_in, c_out)
+
+    def run(backend):
+        def loss(x, w, b):
+            y = conv3d_same(x, w, b, backend=backend, activation=activation)
+            return jnp.sum(y * probe), y
+
+        (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(x, w, b)
+        return y, grads
+
+    y_xla, g_xla = run("xla")
+    y_dnn, g_dnn = run("onednn")
+    assert_close(y_dnn, y_xla)
+    for name, a, e in zip(("input", "kernel", "bias"), g_dnn, g_xla):
+        assert a.shape == e.shape, name
+        assert_close(a, e)
+
+
+@needs_cpu
+def test_onednn_path_really_emits_the_custom_call():
+    x, w, b, _ = random_inputs(0, (1, 4, 4, 4), 3, 2, 3)
+    grad = jax.value_and_grad(lambda x, w, b: jnp.sum(conv3d_same(x, w, b, backend="onednn")),
+                              argnums=(0, 1))
+    hlo = jax.jit(grad).lower(x, w, b).as_text()
+    assert hlo.count("__onednn$convolution") == 2   # forward and input gradient
+    assert "__onednn$matmul" in hlo                  # kernel gradient
+    assert "__onednn" not in jax.jit(lambda x, w, b: conv3d_same(x, w, b, backend="xla")).lower(
+        x, w, b).as_text()
+
+
+def test_parameters_and_xla_numbers_are_those_of_flax_conv():
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 6, 6, 6, 3), dtype=np.float32))
+    ours = Conv3D(5, 3, backend="xla")
+    theirs = nn.Conv(5, (3, 3, 3), padding="SAME", kernel_init=nn.initializers.glorot_uniform(),
+                     bias_init=nn.initializers.zeros)
+    key = jax.random.key(0)
+    v_ours, v_theirs = ours.init(key, x), theirs.init(key, x)
+    assert jax.tree_util.tree_structure(v_ours) == jax.tree_util.tree_structure(v_theirs)
+    for a, e in zip(jax.tree_util.tree_leaves(v_ours), jax.tree_util.tree_leaves(v_theirs)):
+        np.testing.assert_array_equal(a, e)
+    v = jax.tree_util.tree_map(lambda p: p + 0.1, v_theirs)  # a non-zero bias
+    np.testing.assert_array_equal(ours.apply(v, x), theirs.apply(v, x))
+
+
+@needs_cpu
+def test_unet_logits_and_loss_gradient_agree_between_backends(monkeypatch):
+    cfg = UNetConfig(prefix="unet", n_labels=5, nb_features=4, nb_levels=3)
+    model = UNet(cfg)
+    r = np.random.default_rng(2)
+    x = jnp.asarray(r.standard_normal((2, 16, 16, 16, 1), dtype=np.float32))
+    target = jax.nn.one_hot(jnp.asarray(r.integers(0, 5, (2, 16, 16, 16))), 5)
+    # Keras-like initial values drawn with NumPy (an eager or jitted init takes tens of seconds)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x)
+    variables = jax.tree_util.tree_map(
+        lambda s: jnp.asarray(r.uniform(-0.3, 0.3, s.shape).astype(np.float32)), shapes)
+
+    def soft_dice(params):
+        logits, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+        p = jax.nn.softmax(logits)
+        dice = 2 * jnp.sum(p * target, (1, 2, 3)) / (jnp.sum(p + target, (1, 2, 3)) + 1e-5)
+        return 1 - jnp.mean(dice), logits
+
+    results = {}
+    for backend in ("xla", "onednn"):
+        monkeypatch.setenv(ENV_VAR, backend)
+        fn = jax.jit(jax.value_and_grad(soft_dice, has_aux=True))  # traced afresh per backend
+        results[backend] = fn(variables["params"])
+        hlo = fn.lower(variables["params"]).as_text()
+        assert ("__onednn$convolution" in hlo) == (backend == "onednn")
+    (loss_x, logits_x), grads_x = results["xla"]
+    (loss_d, logits_d), grads_d = results["onednn"]
+    assert_close(logits_d, logits_x)
+    np.testing.assert_allclose(loss_d, loss_x, rtol=1e-5)
+    for (path, a), e in zip(jax.tree_util.tree_leaves_with_path(grads_d), jax.tree_util.tree_leaves(grads_x)):
+        assert_close(a, e, rtol=2e-4), jax.tree_util.keystr(path)
+
+
+def test_backend_choice(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.setattr(conv_mod, "installed_jaxlib", lambda: conv_mod.VERIFIED_JAXLIB)
+    expected_auto = "onednn" if jax.default_backend() == "cpu" else "xla"
+    assert resolve_backend() == expected_auto
+    assert resolve_backend("auto") == expected_auto
+    monkeypatch.setattr(conv_mod, "installed_jaxlib", lambda: "0.0.1")  # not the verified jaxlib
+    assert resolve_backend() == "xla"
+    assert resolve_backend("onednn") == "onednn"  # an explicit choice is obeyed
+    monkeypatch.setenv(ENV_VAR, "onednn")
+    assert resolve_backend() == "onednn"
+    assert resolve_backend("xla") == "xla"  # the layer's own setting beats the environment
+    monkeypatch.setenv(ENV_VAR, "cudnn")
+    with pytest.raises(ValueError, match="SYNTHSEG_JAX_CONV|backend"):
+        resolve_backend()
+
+
+def test_verified_jaxlib_is_the_pinned_one():
+    import tomllib
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "..", "pyproject.toml"), "rb") as f:
+        deps = tomllib.load(f)["project"]["dependencies"]
+    assert f"jaxlib=={conv_mod.VERIFIED_JAXLIB}" in deps
+    assert f"jax=={conv_mod.VERIFIED_JAXLIB}" in deps
+
+
+SHARDED = textwrap.dedent("""
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from synthseg_jax.nn.conv import conv3d_same
+    assert jax.device_count() == 2
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    r = np.random.default_rng(0)
+    x = r.standard_normal((2, 6, 6, 6, 3), dtype=np.float32)
+    w = r.standard_normal((3, 3, 3, 3, 4), dtype=np.float32) * 0.2
+    b = r.standard_normal(4, dtype=np.float32)
+    x = jax.device_put(x, NamedSharding(mesh, P("data")))
+    w, b = jax.device_put((w, b), NamedSharding(mesh, P()))
+    out = {}
+    for backend in ("xla", "onednn"):
+        loss = lambda x, w, b: jnp.sum(jnp.sin(conv3d_same(x, w, b, backend=backend, activation="elu")))
+        out[backend] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(x, w, b)
+    for a, e in zip(jax.tree_util.tree_leaves(out["onednn"]), jax.tree_util.tree_leaves(out["xla"])):
+        a, e = np.asarray(a), np.asarray(e)
+        assert np.max(np.abs(a - e)) <= 1e-4 * np.max(np.abs(e)), (a, e)
+    print("OK")
+""")
+
+
+@needs_cpu
+def test_sharded_data_parallel_step_is_correct():
+    """Two CPU devices, batch split over them: the custom call has no partitioning rule, so XLA
+    gathers its operands (slower, but the numbers are right)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", SHARDED], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0 and "OK" in done.stdout, done.stderr[-3000:]
