@@ -63,8 +63,14 @@ def output_dir(cfg: Mapping) -> str:
 
 
 def enable_compilation_cache(path: str | None) -> None:
-    """XLA's persistent compilation cache: a restarted or resumed run skips recompiling."""
-    if path:
+    """XLA's persistent compilation cache: a restarted or resumed run skips recompiling.
+
+    Off with the oneDNN convolutions: XLA cannot serialise programs holding their custom calls
+    (every write fails with a warning), so the cache would only cost time."""
+    from synthseg_jax.nn.conv import resolve_backend
+    if path and resolve_backend() == "onednn":
+        print("[train] persistent compilation cache off: oneDNN convolution programs cannot be cached")
+    elif path:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
