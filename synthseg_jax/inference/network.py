@@ -251,20 +251,23 @@ class Predictor:
 
         if mode.robust:
             seg_out = parc_in = qc_in = segment(x)
+        elif mode.flip:
+            # The original blurs both posteriors, then averages; the blur is linear and
+            # commutes with the flip (its kernel and zero padding are symmetric) and with the
+            # channel swap, so one blur of the average gives the same (up to float rounding)
+            # with one posterior-sized pass and buffer less.
+            flipped = segment(jnp.flip(x, axis=1))
+            back = jnp.take(jnp.flip(flipped, axis=1), self._flip, axis=-1)
+            seg_out = parc_in = qc_in = gaussian_blur(0.5 * (segment(x) + back))
         else:
             raw = segment(x)
             blurred = gaussian_blur(raw)
-            if mode.flip:
-                flipped = gaussian_blur(segment(jnp.flip(x, axis=1)))
-                back = jnp.take(jnp.flip(flipped, axis=1), self._flip, axis=-1)
-                seg_out = parc_in = qc_in = 0.5 * (blurred + back)
-            else:
-                # fast: the original's outputs are its 'unet_prediction' layer (before the blur)
-                # whenever parcellation or QC is requested, the blurred tensor otherwise; the
-                # parcellation always sees the blurred one, QC the blurred one only without parc.
-                seg_out = raw if (mode.parc or mode.qc) else blurred
-                parc_in = blurred
-                qc_in = raw if mode.parc else blurred
+            # fast: the original's outputs are its 'unet_prediction' layer (before the blur)
+            # whenever parcellation or QC is requested, the blurred tensor otherwise; the
+            # parcellation always sees the blurred one, QC the blurred one only without parc.
+            seg_out = raw if (mode.parc or mode.qc) else blurred
+            parc_in = blurred
+            qc_in = raw if mode.parc else blurred
 
         out = {"seg": seg_out[0]}
         # masks for the host's connected components (the rest of post-processing is _finish)
