@@ -238,6 +238,24 @@ def run_timed(cmd: list[str], run_dir: str, work: str, env: dict | None = None,
     say(f"done rc={proc.returncode}: {run_dir}")
 
 
+def retry_with_one_thread(args, in_path: str, run_dir: str, mode: str, crop, env: dict) -> None:
+    """If the original died with std::bad_alloc at more than one thread, keep that attempt in
+    ``<run_dir>.failed-<n>threads`` and run it again with ``--threads 1``."""
+    out = os.path.join(run_dir, "stdout.txt")
+    if finished(run_dir) or not os.path.isfile(out) or "bad_alloc" not in open(out, errors="replace").read():
+        return
+    cmd = original_command(args, in_path, run_dir, mode, crop)
+    threads = cmd[cmd.index("--threads") + 1]
+    if threads == "1":
+        return
+    failed = f"{run_dir}.failed-{threads}threads"
+    shutil.rmtree(failed, ignore_errors=True)
+    os.rename(run_dir, failed)
+    say(f"the original died with std::bad_alloc at {threads} threads ({failed}); again with 1")
+    cmd[cmd.index("--threads") + 1] = "1"
+    run_timed(cmd, run_dir, args.work_dir, env)
+
+
 def time_info(run_dir: str) -> dict:
     """Wall seconds, peak RSS (GB), threads and load from a run folder."""
     info = {"wall": None, "peak_gb": None}
@@ -514,7 +532,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="ours")
     parser.add_argument("--original-threads", type=int, default=2)
     parser.add_argument("--low-mem-threads", type=int, default=1,
-                        help="the original's threads in robust and QC modes")
+                        help="the original's threads in robust and QC modes (if more than 1 "
+                             "dies with std::bad_alloc, the run is repeated with 1)")
     parser.add_argument("--diagnose-robust", action="store_true")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -542,6 +561,7 @@ def main(argv=None) -> int:
                 if not (reuse and finished(orig)):
                     run_timed(original_command(args, paths[name], orig, mode, crop), orig,
                               args.work_dir, env, reuse=reuse)
+                    retry_with_one_thread(args, paths[name], orig, mode, crop, env)
                 if not (args.reuse_ours and finished(ours)):
                     run_timed(our_command(args, paths[name], ours, mode, crop), ours, args.work_dir,
                               reuse=args.reuse_ours)
