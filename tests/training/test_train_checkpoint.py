@@ -13,6 +13,7 @@ from conftest import TINY, compose, needs_maps
 from synthseg_jax.labels import LabelTables
 from synthseg_jax.training import checkpoint as ckpt
 from synthseg_jax.training.loop import run
+from synthseg_jax.training.step import Trainer
 from synthseg_jax.weights.keras_h5 import load_keras_h5
 
 pytestmark = needs_maps
@@ -46,6 +47,31 @@ def test_resume_equals_uninterrupted(uninterrupted, tmp_path):
     b, _ = ckpt.load_model(str(out))
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_array_equal(x, y)
+
+
+def test_ctrl_c_keeps_the_last_step_and_resumes(uninterrupted, tmp_path, monkeypatch, capsys):
+    """Ctrl-C during step 3 exits with 130 and a message (no traceback), with a checkpoint of
+    step 2 although the cadence had none due; resuming gives the uninterrupted run's losses."""
+    out = tmp_path / "ctrl_c"
+    real_step = Trainer.step
+    calls = []
+
+    def interrupted_at_third(self, *args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(self, *args)
+
+    monkeypatch.setattr(Trainer, "step", interrupted_at_third)
+    with pytest.raises(SystemExit) as stop:
+        run(tiny(out, "train.steps=4", "train.checkpoint_every=100"))
+    assert stop.value.code == 130
+    assert "interrupted: checkpoint at step 2" in capsys.readouterr().out
+    assert sorted(os.listdir(out / "checkpoints")) == ["2"]
+    assert len(losses(out)) == 2
+    monkeypatch.setattr(Trainer, "step", real_step)
+    run(tiny(out, "train.steps=4", "train.checkpoint_every=100"))
+    assert losses(out) == losses(uninterrupted)
 
 
 def test_keep_last_checkpoints(tmp_path):
