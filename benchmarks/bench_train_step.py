@@ -68,7 +68,7 @@ def measure(model: str, size: int, iters: int, phase: str, maps: int, overrides:
         cpu.append(time.process_time() - c0)
     best = min(range(iters), key=lambda i: gen_wall[i] + step_wall[i])
     return {"model": r.spec.name, "size": size, "voxel_mm": r.data.gcfg.atlas_res,
-            "nb_features": r.spec.nb_features, "phase": phase,
+            "nb_features": r.spec.network_config(r.task.n_outputs).nb_features, "phase": phase,
             "seconds_per_step": round(gen_wall[best] + step_wall[best], 2),
             "generator_s": round(gen_wall[best], 2), "network_step_s": round(step_wall[best], 2),
             "generator_share": round(gen_wall[best] / (gen_wall[best] + step_wall[best]), 3),

@@ -274,9 +274,7 @@ class Run:
         return "wl2" if step < self.wl2_steps else "dice"
 
     def metadata(self) -> dict:
-        import dataclasses
-        model = dataclasses.asdict(self.spec)
-        return {"model": model, "n_outputs": int(self.task.n_outputs),
+        return {"model": self.spec.flat_dict(self.task.n_outputs), "n_outputs": int(self.task.n_outputs),
                 "in_channels": int(self.task.in_channels),
                 "target_labels": [int(v) for v in self.task.target_labels],
                 "voxel_size": float(self.data.gcfg.atlas_res),

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -93,27 +93,26 @@ class ModelSpec:
     prefix: str = "unet"
     labels: Any = "2.0"                 # target labels: '1.0', '2.0', 'denoiser_2.0', 'qc_2.0', ...
     groups: str = "denoiser_2.0"        # second / denoiser: the group table
-    nb_features: int = 24
-    nb_levels: int = 5
-    conv_size: int = 3
-    nb_conv_per_level: int = 2
-    feat_mult: int = 2
-    activation: str = "elu"
-    batch_norm: bool = True
-    skip_n_concatenations: int = 0
     corruption: Corruption = Corruption()
     # label values (of the target table) counted as white / grey matter in the MNI validation
     mni_wm: tuple = ()
     mni_gm: tuple = ()
+    # the network's hyper-parameters, written at the top level of the YAML: UNetConfig's fields
+    # (EncoderConfig's for QC); what is not given takes that class's default
+    architecture: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d) -> "ModelSpec":
-        d = _plain(d)
-        d = dict(d or {})
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
+        d = dict(_plain(d) or {})
+        kind = d.get("kind", cls.kind)
+        if kind not in KINDS:
+            raise ValueError(f"unknown model kind {kind!r}; expected one of {', '.join(KINDS)}")
+        own = {f.name for f in dataclasses.fields(cls)} - {"architecture"}
+        hyper = _network_fields(kind)
+        unknown = sorted(set(d) - own - hyper)
         if unknown:
             raise ValueError(f"unknown model parameter(s): {', '.join(unknown)}")
+        architecture = {k: d.pop(k) for k in sorted(hyper & set(d))}
         corruption = d.pop("corruption", None) or {}
         bad = sorted(set(corruption) - {f.name for f in dataclasses.fields(Corruption)})
         if bad:
@@ -123,28 +122,34 @@ class ModelSpec:
                 d[key] = tuple(int(v) for v in (d[key] or ()))
         if isinstance(d.get("labels"), list):
             d["labels"] = tuple(d["labels"])
-        spec = cls(corruption=Corruption(**corruption), **d)
-        if spec.kind not in KINDS:
-            raise ValueError(f"unknown model kind {spec.kind!r}; expected one of {', '.join(KINDS)}")
-        return spec
+        return cls(corruption=Corruption(**corruption), architecture=architecture, **d)
 
-    def unet_config(self, n_labels: int) -> UNetConfig:
-        return UNetConfig(prefix=self.prefix, n_labels=n_labels, nb_features=self.nb_features,
-                          nb_levels=self.nb_levels, conv_size=self.conv_size,
-                          nb_conv_per_level=self.nb_conv_per_level, feat_mult=self.feat_mult,
-                          activation=self.activation, batch_norm=self.batch_norm,
-                          skip_n_concatenations=self.skip_n_concatenations)
+    def network_config(self, n_labels: int) -> UNetConfig | EncoderConfig:
+        """The U-Net's hyper-parameters, or the QC encoder's (which has no label count)."""
+        if self.kind == "qc":
+            return EncoderConfig(prefix=self.prefix, **self.architecture)
+        return UNetConfig(prefix=self.prefix, n_labels=n_labels, **self.architecture)
 
-    def encoder_config(self) -> EncoderConfig:
-        return EncoderConfig(prefix=self.prefix, nb_features=self.nb_features,
-                             nb_levels=self.nb_levels, conv_size=self.conv_size,
-                             nb_conv_per_level=self.nb_conv_per_level, feat_mult=self.feat_mult,
-                             activation=self.activation, batch_norm=self.batch_norm)
+    def flat_dict(self, n_labels: int) -> dict:
+        """The spec as one flat mapping, every hyper-parameter resolved (the checkpoints' meta)."""
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k != "architecture"}
+        network = dataclasses.asdict(self.network_config(n_labels))
+        out.update((k, v) for k, v in network.items() if k not in ("prefix", "n_labels"))
+        return out
+
+    @property
+    def nb_levels(self) -> int:
+        return self.network_config(n_labels=1).nb_levels
 
     @property
     def size_multiple(self) -> int:
         """Crops must be multiples of this (QC: its encoder pools once more after the levels)."""
         return 2 ** self.nb_levels if self.kind == "qc" else 2 ** (self.nb_levels - 1)
+
+
+def _network_fields(kind: str) -> set[str]:
+    config = EncoderConfig if kind == "qc" else UNetConfig
+    return {f.name for f in dataclasses.fields(config)} - {"prefix", "n_labels"}
 
 
 def _plain(d):
@@ -274,8 +279,8 @@ class Task:
     # ---- network
     def module(self) -> nn.Module:
         if self.spec.kind == "qc":
-            return QCRegressor(n_qc_labels=self.n_outputs, encoder=self.spec.encoder_config())
-        return Segmenter(self.spec.unet_config(self.n_outputs))
+            return QCRegressor(n_qc_labels=self.n_outputs, encoder=self.spec.network_config(self.n_outputs))
+        return Segmenter(self.spec.network_config(self.n_outputs))
 
     @property
     def crop_shape(self) -> tuple[int, ...]:
