@@ -20,8 +20,11 @@ redraws the curves.
 from __future__ import annotations
 
 import csv
+import contextlib
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Any, Mapping
 
@@ -330,6 +333,25 @@ class Run:
         return load_mni(self.data.gcfg.atlas_res, self.spec.size_multiple)
 
 
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGTERM (how schedulers such as SLURM stop a job) and SIGINT stop training like Ctrl-C.
+    SIGINT is set explicitly because a shell starts background jobs with it ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def stop_cleanly(manager, state, meta: Mapping, out_dir: str, main: bool) -> None:
     """Ctrl-C: keep the last fully logged step (so resuming continues the metrics without a gap),
     let any save in flight finish, say how to go on, and exit with 130 instead of a traceback."""
@@ -391,36 +413,37 @@ def run(cfg) -> dict:
     loss = float("nan")
     t_run = time.perf_counter()
     logged = state   # the state of the last step whose metrics are written: what Ctrl-C keeps
-    try:
-        for step in range(start, r.total_steps):
-            phase = r.phase(step)
-            if step == r.wl2_steps and step > 0 and phase == "dice" and train.get("reset_optimizer_after_wl2", True):
-                # the original compiles a new model with a fresh Adam for the Dice phase
-                state = r.trainer.place_state(state.replace(opt_state=r.tx.init(state.params)))
-            t0 = time.perf_counter()
-            inputs, targets = r.batch(step, rng)
-            state, m = r.trainer.step(phase, state, inputs, targets)
-            loss = float(m["loss"])
-            seconds = time.perf_counter() - t0
-            if not np.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss} at step {step + 1} ({phase})")
-            metrics_log.write(step=step + 1, phase=phase, loss=loss, grad_norm=float(m["grad_norm"]),
-                              seconds=seconds)
-            bar.set_postfix_str(f"{phase} loss {loss:.4f}" + "".join(
-                f" {k} {v:.3f}" for k, v in last_val.items()), refresh=False)
-            bar.update(1)
-            done = step + 1
-            if val_every and (done % val_every == 0 or done == r.total_steps):
-                last_val = r.validate(state, chunks, mni)
-                val_log.write(step=done, phase=phase, **last_val)
-                if main:
-                    plot_curves(r.out_dir)
-            logged = state
-            if done % ckpt_every == 0 or done == r.total_steps:
-                ckpt.save(manager, state, meta)
-    except KeyboardInterrupt:
-        bar.close()
-        stop_cleanly(manager, logged, meta, r.out_dir, main)
+    with stop_on_signals():
+        try:
+            for step in range(start, r.total_steps):
+                phase = r.phase(step)
+                if step == r.wl2_steps and step > 0 and phase == "dice" and train.get("reset_optimizer_after_wl2", True):
+                    # the original compiles a new model with a fresh Adam for the Dice phase
+                    state = r.trainer.place_state(state.replace(opt_state=r.tx.init(state.params)))
+                t0 = time.perf_counter()
+                inputs, targets = r.batch(step, rng)
+                state, m = r.trainer.step(phase, state, inputs, targets)
+                loss = float(m["loss"])
+                seconds = time.perf_counter() - t0
+                if not np.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss} at step {step + 1} ({phase})")
+                metrics_log.write(step=step + 1, phase=phase, loss=loss, grad_norm=float(m["grad_norm"]),
+                                  seconds=seconds)
+                bar.set_postfix_str(f"{phase} loss {loss:.4f}" + "".join(
+                    f" {k} {v:.3f}" for k, v in last_val.items()), refresh=False)
+                bar.update(1)
+                done = step + 1
+                if val_every and (done % val_every == 0 or done == r.total_steps):
+                    last_val = r.validate(state, chunks, mni)
+                    val_log.write(step=done, phase=phase, **last_val)
+                    if main:
+                        plot_curves(r.out_dir)
+                logged = state
+                if done % ckpt_every == 0 or done == r.total_steps:
+                    ckpt.save(manager, state, meta)
+        except KeyboardInterrupt:
+            bar.close()
+            stop_cleanly(manager, logged, meta, r.out_dir, main)
     bar.close()
     manager.wait_until_finished()
     manager.close()

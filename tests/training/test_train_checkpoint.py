@@ -4,6 +4,7 @@
 import csv
 import os
 import shutil
+import signal
 
 import jax
 import numpy as np
@@ -49,17 +50,22 @@ def test_resume_equals_uninterrupted(uninterrupted, tmp_path):
         np.testing.assert_array_equal(x, y)
 
 
-def test_ctrl_c_keeps_the_last_step_and_resumes(uninterrupted, tmp_path, monkeypatch, capsys):
-    """Ctrl-C during step 3 exits with 130 and a message (no traceback), with a checkpoint of
-    step 2 although the cadence had none due; resuming gives the uninterrupted run's losses."""
-    out = tmp_path / "ctrl_c"
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_interrupt_keeps_the_last_step_and_resumes(uninterrupted, tmp_path, monkeypatch, capsys, how):
+    """Ctrl-C, or a scheduler's SIGTERM, during step 3 exits with 130 and a message (no traceback),
+    with a checkpoint of step 2 although the cadence had none due; resuming gives the
+    uninterrupted run's losses."""
+    out = tmp_path / how
     real_step = Trainer.step
     calls = []
 
     def interrupted_at_third(self, *args):
         calls.append(1)
         if len(calls) == 3:
-            raise KeyboardInterrupt
+            if how == "ctrl-c":
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGTERM)     # the handler raises before the next line
+            pytest.fail("SIGTERM did not interrupt the step")
         return real_step(self, *args)
 
     monkeypatch.setattr(Trainer, "step", interrupted_at_third)
