@@ -556,6 +556,8 @@ def main(argv=None) -> int:
             crop = INPUTS[name]["crop"]
             run = os.path.join(args.work_dir, "runs", name, mode)
             orig, ours = os.path.join(run, "original"), os.path.join(run, "ours")
+            if args.compare_only and not os.path.isdir(run):
+                continue    # a combination this work folder never ran
             if not args.compare_only:
                 reuse = args.reuse or args.reuse_ours
                 if not (reuse and finished(orig)):
