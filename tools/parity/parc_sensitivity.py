@@ -1,0 +1,50 @@
+"""How many parcel decisions of the random-weight parc U-Net change when a few voxels of its cortex
+mask input flip (the voxels our own segmentation has closest to a cortex / non-cortex tie).
+
+Explains whole-run parcellation differences against the original (BENCHMARKS.md, "Whole-run
+parity"): float32 ties flip a few mask voxels, and random weights spread each flip widely.
+
+    .venv/bin/python tools/parity/parc_sensitivity.py     (after run_pipeline_parity.py made its inputs)
+
+Runs on a 160^3 centre crop of the padded MNI input, with the models in .parity/models.
+"""
+import sys, time
+import jax, jax.numpy as jnp, numpy as np
+from synthseg_jax.io import load_scan
+from synthseg_jax.inference.preprocess import preprocess
+from synthseg_jax.inference.network import load_networks, Mode, gaussian_blur
+from synthseg_jax.nn.synthseg import parcellation_input, CORTEX_LABELS
+
+nets = load_networks(".parity/models", Mode(parc=True))
+prep = preprocess(load_scan(".parity/pipeline/inputs/mni.nii.gz"))
+img = prep.image
+c = [s // 2 for s in img.shape]
+x = jnp.asarray(img[c[0]-80:c[0]+80, c[1]-80:c[1]+80, c[2]-80:c[2]+80][None, ..., None], jnp.float32)
+flip = jnp.asarray(nets.tables.flip)
+labels = jnp.asarray(nets.tables.segmentation)
+
+@jax.jit
+def seg_post(x):
+    s = lambda z: jax.nn.softmax(nets.segmenter.apply(nets.variables["seg"], z), -1)
+    back = jnp.take(jnp.flip(s(jnp.flip(x, 1)), 1), flip, axis=-1)
+    return gaussian_blur(0.5 * (s(x) + back))[0]
+
+@jax.jit
+def parc_argmax(x, in_cortex):
+    mask = jax.nn.one_hot(in_cortex.astype(jnp.int32), 2, dtype=x.dtype)[None]
+    return jnp.argmax(nets.parc.apply(nets.variables["parc"], jnp.concatenate([x, mask], -1))[0], -1)
+
+post = np.asarray(seg_post(x))
+is_ctx_label = np.isin(np.asarray(labels), CORTEX_LABELS)
+cortex = is_ctx_label[post.argmax(-1)]
+gap = np.abs(post[..., is_ctx_label].max(-1) - post[..., ~is_ctx_label].max(-1))
+base = np.asarray(parc_argmax(x, jnp.asarray(cortex)))
+print(f"cortex voxels {cortex.sum()}; voxels with cortex/non-cortex gap < 1e-5: {(gap < 1e-5).sum()}, < 1e-4: {(gap < 1e-4).sum()}")
+for k in (1, 10, 100):
+    order = np.argsort(gap, axis=None)[:k]
+    flipped = cortex.copy().reshape(-1)
+    flipped[order] = ~flipped[order]
+    new = np.asarray(parc_argmax(x, jnp.asarray(flipped.reshape(cortex.shape))))
+    changed = (new != base) & cortex
+    print(f"flip {k} mask voxels (gaps <= {np.sort(gap, axis=None)[k-1]:.1e}): parcel argmax changes in "
+          f"{changed.sum()} of {cortex.sum()} cortex voxels ({changed.sum() / cortex.sum():.2%})", flush=True)
