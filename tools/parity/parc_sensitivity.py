@@ -12,30 +12,25 @@ import sys, time
 import jax, jax.numpy as jnp, numpy as np
 from synthseg_jax.io import load_scan
 from synthseg_jax.inference.preprocess import preprocess
-from synthseg_jax.inference.network import load_networks, Mode, gaussian_blur
-from synthseg_jax.nn.synthseg import parcellation_input, CORTEX_LABELS
+from synthseg_jax.inference.network import Mode, Predictor, load_networks
+from synthseg_jax.nn.synthseg import CORTEX_LABELS
 
 nets = load_networks(".parity/models", Mode(parc=True))
 prep = preprocess(load_scan(".parity/pipeline/inputs/mni.nii.gz"))
 img = prep.image
 c = [s // 2 for s in img.shape]
-x = jnp.asarray(img[c[0]-80:c[0]+80, c[1]-80:c[1]+80, c[2]-80:c[2]+80][None, ..., None], jnp.float32)
-flip = jnp.asarray(nets.tables.flip)
-labels = jnp.asarray(nets.tables.segmentation)
-
-@jax.jit
-def seg_post(x):
-    s = lambda z: jax.nn.softmax(nets.segmenter.apply(nets.variables["seg"], z), -1)
-    back = jnp.take(jnp.flip(s(jnp.flip(x, 1)), 1), flip, axis=-1)
-    return gaussian_blur(0.5 * (s(x) + back))[0]
+crop = np.asarray(img[c[0]-80:c[0]+80, c[1]-80:c[1]+80, c[2]-80:c[2]+80], np.float32)
+x = jnp.asarray(crop[None, ..., None])
+labels = np.asarray(nets.tables.segmentation)
 
 @jax.jit
 def parc_argmax(x, in_cortex):
     mask = jax.nn.one_hot(in_cortex.astype(jnp.int32), 2, dtype=x.dtype)[None]
     return jnp.argmax(nets.parc.apply(nets.variables["parc"], jnp.concatenate([x, mask], -1))[0], -1)
 
-post = np.asarray(seg_post(x))
-is_ctx_label = np.isin(np.asarray(labels), CORTEX_LABELS)
+# the pipeline's own flip-averaged, blurred segmentation posteriors (default mode)
+post = Predictor(nets, Mode())(crop).posteriors
+is_ctx_label = np.isin(labels, CORTEX_LABELS)
 cortex = is_ctx_label[post.argmax(-1)]
 gap = np.abs(post[..., is_ctx_label].max(-1) - post[..., ~is_ctx_label].max(-1))
 base = np.asarray(parc_argmax(x, jnp.asarray(cortex)))
