@@ -4,6 +4,7 @@
     python benchmarks/bench_predict.py [--input IMG] [--models DIR] [--modes default,fast,robust,parc+qc]
                                        [--scans 2] [--threads 2] [--crop N] [--vol] [--post]
                                        [--original | --original-from WORK] [--original-threads 2]
+                                       [--original-low-mem-threads 1]
                                        [--json OUT.json]
 
 Each mode runs in its own process (so its peak memory is its own): our pipeline segments the same
@@ -17,8 +18,9 @@ CSV / the posteriors (.nii) of each scan, like the parity runs (parc+qc writes t
 ``--original-from WORK`` takes the original's seconds and peak memory from the whole-run parity
 harness's runs (``WORK/runs/<input>/<mode>/original/time.txt``, see
 tools/parity/run_pipeline_parity.py) instead of running it again. ``--original`` also runs the unmodified original from
-``.parity/`` (see tools/parity/README.md) on one scan per mode: a long run (minutes per mode,
-~10 GB); REFERENCE.md says which modes need ``--original-threads 1``.
+``.parity/`` (see tools/parity/README.md) on one scan per mode, writing what ours writes
+(``--vol``/``--post`` too): a long run (minutes per mode, ~10 GB); REFERENCE.md says which modes
+need one thread (``--original-low-mem-threads 1``).
 Wall-clock times depend on the machine's load, printed with every result.
 """
 
@@ -107,9 +109,13 @@ def run_original(args: argparse.Namespace, mode: str) -> dict:
     work = tempfile.mkdtemp(prefix="bench_original_")
     os.symlink(os.path.abspath(args.models), os.path.join(work, "models"))
     flags = [f if f != "QC" else os.path.join(work, "qc.csv") for f in ORIGINAL_FLAGS[mode]]
+    # the same outputs as ours (a like-for-like time)
+    flags += ["--vol", os.path.join(work, "vol.csv")] if args.vol else []
+    flags += ["--post", os.path.join(work, "post.nii")] if args.post else []
+    threads = original_threads(args, mode)
     cmd = ["/usr/bin/time", "-v", os.path.join(PARITY, "venv", "bin", "python"),
            os.path.join(PARITY, "mri_synthseg"), "--i", args.input, "--o", os.path.join(work, "seg.nii.gz"),
-           "--cpu", "--threads", str(args.original_threads)] + flags
+           "--cpu", "--threads", str(threads)] + flags
     if args.crop:
         cmd += ["--crop", str(args.crop)]
     env = dict(os.environ, FREESURFER_HOME=work)
@@ -119,7 +125,14 @@ def run_original(args: argparse.Namespace, mode: str) -> dict:
     rss = [l for l in proc.stderr.splitlines() if "Maximum resident set size" in l]
     return {"mode": mode, "wall": wall, "ok": proc.returncode == 0 and "ERROR" not in proc.stdout,
             "peak_rss_gb": int(rss[0].split()[-1]) / 2**20 if rss else None, "load": load(),
-            "threads": args.original_threads}
+            "threads": threads}
+
+
+def original_threads(args: argparse.Namespace, mode: str) -> int:
+    """The original dies with std::bad_alloc at 2 threads in robust and QC modes here
+    (REFERENCE.md): ``--original-low-mem-threads`` sets their thread count."""
+    low_mem = mode in ("robust", "parc+qc") and args.original_low_mem_threads
+    return args.original_low_mem_threads if low_mem else args.original_threads
 
 
 def original_from(args: argparse.Namespace, mode: str) -> dict | None:
@@ -183,6 +196,8 @@ def main() -> None:
     parser.add_argument("--crop", type=int, default=None)
     parser.add_argument("--original", action="store_true")
     parser.add_argument("--original-threads", type=int, default=2)
+    parser.add_argument("--original-low-mem-threads", type=int, default=None,
+                        help="the original's threads in robust and parc+qc (default: --original-threads)")
     parser.add_argument("--original-from", default=None,
                         help="parity harness work dir whose original runs to report")
     parser.add_argument("--vol", action="store_true", help="also write each scan's volumes CSV")

@@ -50,6 +50,11 @@ log = logging.getLogger("synthseg_jax.inference")
 
 POSTERIOR_BLUR_SIGMA = 0.5
 
+# XLA:CPU's YNNPACK fusions (of the elementwise and reduction ops around the convolutions) never
+# write over their operands, so each one holds a second buffer of its input's size: at 224x256x192
+# the parcellation's softmax alone kept two 3 GB buffers. XLA's own fusions do reuse them.
+COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
 
 class ModelError(ValueError):
     """A models/labels folder that cannot serve the requested mode (one line naming the file)."""
@@ -168,9 +173,17 @@ def gaussian_weights(sigma: float) -> np.ndarray:
     return (w / w.sum()).astype(np.float32)
 
 
-def gaussian_blur(x: jax.Array, sigma: float = POSTERIOR_BLUR_SIGMA) -> jax.Array:
-    """Blur over the spatial axes of (B, X, Y, Z, C), zero padding ('SAME' convolution), with the
-    original's kernel (the outer product of ``gaussian_weights``).
+def blur_margin(sigma: float = POSTERIOR_BLUR_SIGMA) -> int:
+    """How many voxels the blur reaches beyond each one."""
+    return len(gaussian_weights(sigma)) // 2
+
+
+def blur_padded_scaled(padded: jax.Array, scale: jax.Array | None = None,
+                       sigma: float = POSTERIOR_BLUR_SIGMA) -> jax.Array:
+    """The blur of ``padded * scale`` (``scale`` broadcast over the channels, e.g. a softmax's
+    per-voxel normaliser), ``padded`` being the input already zero-padded (or ``scale`` zero) by
+    ``blur_margin(sigma)`` voxels around the spatial axes of (B, X, Y, Z, C); the result has the
+    unpadded size.
 
     Written as one weighted sum of the shifted input (27 terms for sigma 0.5), which XLA fuses
     into a single pass with no intermediate: the separable form (three passes) kept two more
@@ -178,17 +191,45 @@ def gaussian_blur(x: jax.Array, sigma: float = POSTERIOR_BLUR_SIGMA) -> jax.Arra
     temporaries against 2.9 GB) and was slower on CPU."""
     weights = gaussian_weights(sigma)
     half = len(weights) // 2
-    if half == 0:
-        return x
-    n = x.shape[1:4]
-    padded = jnp.pad(x, [(0, 0)] + [(half, half)] * 3 + [(0, 0)])
+    n = [s - 2 * half for s in padded.shape[1:4]]
     out = None
     for i, wi in enumerate(weights):
         for j, wj in enumerate(weights):
             for k, wk in enumerate(weights):
-                term = float(wi * wj * wk) * padded[:, i:i + n[0], j:j + n[1], k:k + n[2], :]
+                window = (slice(None), slice(i, i + n[0]), slice(j, j + n[1]), slice(k, k + n[2]))
+                shifted = padded[window] if scale is None else padded[window] * scale[window]
+                term = float(wi * wj * wk) * shifted
                 out = term if out is None else out + term
     return out
+
+
+def gaussian_blur(x: jax.Array, sigma: float = POSTERIOR_BLUR_SIGMA) -> jax.Array:
+    """Blur over the spatial axes of (B, X, Y, Z, C), zero padding ('SAME' convolution), with the
+    original's kernel (the outer product of ``gaussian_weights``)."""
+    half = blur_margin(sigma)
+    if half == 0:
+        return x
+    return blur_padded_scaled(jnp.pad(x, [(0, 0)] + [(half, half)] * 3 + [(0, 0)]), None, sigma)
+
+
+def softmax_blurred(network: Any, x: jax.Array, sigma: float = POSTERIOR_BLUR_SIGMA) -> jax.Array:
+    """``gaussian_blur(softmax(network(x)))`` for a U-Net whose logits can come out padded
+    (``UNet(pad_output=...)``), holding one buffer of the posteriors' size besides the result.
+
+    The softmax is split as XLA computes it, ``exp(l - max) * (1 / sum)``: the exponentials can
+    overwrite the logits, and the per-voxel factor, zero on the padding ring, is applied inside
+    the blur's single pass. Blurring ``softmax`` padded afterwards kept three buffers of that
+    size at once (8.7 GB with the parcellation's 69 channels at 224x256x192)."""
+    half = blur_margin(sigma)
+    logits = network(x, pad_output=half)
+    e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    factor = 1.0 / jnp.sum(e, axis=-1, keepdims=True)
+    if half == 0:
+        return e * factor
+    for axis, n in enumerate(x.shape[1:4], start=1):
+        idx = jax.lax.broadcasted_iota(jnp.int32, factor.shape, axis)
+        factor = jnp.where((idx >= half) & (idx < n + half), factor, 0.0)
+    return blur_padded_scaled(e, factor, sigma)
 
 
 def qc_one_hot(seg_index: jax.Array, qc_class: jax.Array, n_qc: int, size: int) -> jax.Array:
@@ -263,9 +304,19 @@ class Predictor:
             # commutes with the flip (its kernel and zero padding are symmetric) and with the
             # channel swap, so one blur of the average gives the same (up to float rounding)
             # with one posterior-sized pass and buffer less.
-            flipped = segment(jnp.flip(x, axis=1))
-            back = jnp.take(jnp.flip(flipped, axis=1), self._flip, axis=-1)
-            seg_out = parc_in = qc_in = gaussian_blur(0.5 * (segment(x) + back))
+            # The two passes run as a loop, one after the other: unrolled, XLA interleaves the
+            # two U-Nets and keeps both decoders' activations alive at once (+1.7 GB at
+            # 224x256x192), and compiles the U-Net twice. The sum is first + back, as before.
+            x_flipped = jnp.flip(x, axis=1)
+
+            def add_pass(i: jax.Array, total: jax.Array) -> jax.Array:
+                post = segment(jnp.where(i == 0, x, x_flipped))
+                back = jnp.take(jnp.flip(post, axis=1), self._flip, axis=-1)
+                return total + jnp.where(i == 0, post, back)
+
+            total = jax.lax.fori_loop(0, 2, add_pass, jnp.zeros(x.shape[:-1] + (nets.tables.n_labels,),
+                                                                x.dtype))
+            seg_out = parc_in = qc_in = gaussian_blur(0.5 * total)
         else:
             raw = segment(x)
             blurred = gaussian_blur(raw)
@@ -287,8 +338,8 @@ class Predictor:
             out["classes"] = jnp.transpose(per_class, (3, 0, 1, 2))
         if mode.parc:
             parc_x = parcellation_input(x, jnp.argmax(parc_in, axis=-1), self._labels)
-            parc_logits = nets.parc.apply(variables["parc"], parc_x)
-            out["parc"] = gaussian_blur(jax.nn.softmax(parc_logits, axis=-1))[0]
+            unet = lambda z, **kw: nets.parc.apply(variables["parc"], z, **kw)
+            out["parc"] = softmax_blurred(unet, parc_x)[0]
         if mode.qc:
             onehot = qc_one_hot(jnp.argmax(qc_in, axis=-1), self._qc_class, self._n_qc,
                                 self.qc_crop_size)
@@ -326,7 +377,8 @@ class Predictor:
             log.info("compiling %s for padded shape %s", self.mode.describe(), shape)
             start = time.perf_counter()
             spec = jax.ShapeDtypeStruct(shape, jnp.float32)
-            self._compiled[shape] = jax.jit(self._forward).lower(self._variables, spec).compile()
+            lowered = jax.jit(self._forward).lower(self._variables, spec)
+            self._compiled[shape] = lowered.compile(compiler_options=COMPILER_OPTIONS)
             self._compiled_finish[shape] = self._compile_finish(shape)
             self.compile_seconds[shape] = time.perf_counter() - start
             log.info("compiled in %.1f s (%d shape(s) cached)", self.compile_seconds[shape],
@@ -343,7 +395,8 @@ class Predictor:
                 f32(*shape, len(tables.parcellation)) if self.mode.parc else None)
         # the forward's posteriors are not used again: their buffers may hold the results
         donate = (0, 3) if self.mode.parc else (0,)
-        return jax.jit(self._finish, donate_argnums=donate).lower(*args).compile()
+        lowered = jax.jit(self._finish, donate_argnums=donate).lower(*args)
+        return lowered.compile(compiler_options=COMPILER_OPTIONS)
 
     def predict(self, image: np.ndarray, pad_idx: np.ndarray, posteriors: bool = False,
                 volume_dtype=np.float32, alignment=None) -> PaddedResult:

@@ -50,8 +50,8 @@ class Segmenter(nn.Module):
     config: UNetConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        return UNet(self.config, name=self.config.prefix)(x, train)
+    def __call__(self, x: jax.Array, train: bool = False, pad_output: int = 0) -> jax.Array:
+        return UNet(self.config, name=self.config.prefix)(x, train, pad_output)
 
 
 class RobustCascade(nn.Module):

@@ -94,7 +94,11 @@ class UNet(nn.Module):
     config: UNetConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False, pad_output: int = 0) -> jax.Array:
+        """``pad_output``: return the logits on the grid grown by that many voxels on each side,
+        as if the last features were zero there (the final layer is 1x1x1, so the ring holds
+        the bias and the inside is unchanged): a caller that blurs the posteriors with zero
+        padding then needs no padded copy of its many-channel output."""
         cfg = self.config
         check_spatial_shape(x.shape[1:-1], cfg.size_multiple, f"U-Net '{cfg.prefix}'")
         act = ACTIVATIONS[cfg.activation]
@@ -120,6 +124,8 @@ class UNet(nn.Module):
             if cfg.batch_norm:
                 x = batch_norm(f"{cfg.prefix}_bn_up_{level}", train)(x)
 
+        if pad_output:
+            x = jnp.pad(x, [(0, 0)] + [(pad_output, pad_output)] * 3 + [(0, 0)])
         return conv3d(cfg.n_labels, 1, f"{cfg.prefix}_likelihood")(x)
 
 

@@ -15,6 +15,7 @@ from synthseg_jax.inference.network import (
     gaussian_weights,
     load_networks,
     qc_one_hot,
+    softmax_blurred,
 )
 from synthseg_jax.nn.synthseg import crop_around_labels
 
@@ -30,6 +31,15 @@ def test_blur_kernel_and_zero_padding():
     expected = np.stack([np.stack([ndimage.correlate(x[b, ..., c], kernel, mode="constant")
                                    for c in range(3)], -1) for b in range(2)])
     np.testing.assert_allclose(np.asarray(gaussian_blur(jnp.asarray(x))), expected, atol=1e-6)
+
+
+def test_softmax_blurred_is_the_blur_of_the_softmax(tiny_nets):
+    module, _, variables = tiny_nets["parc"]
+    x = jnp.asarray(np.random.default_rng(1).uniform(size=(1, 16, 24, 32, 3)), jnp.float32)
+    net = lambda z, **kw: module.apply(variables, z, **kw)
+    expected = gaussian_blur(jax.nn.softmax(net(x), axis=-1))
+    np.testing.assert_allclose(np.asarray(jax.jit(lambda z: softmax_blurred(net, z))(x)),
+                               np.asarray(expected), atol=1e-5)
 
 
 def image(seed=0, shape=SHAPE):

@@ -72,6 +72,21 @@ def test_segmenter_output_shape_non_cubic(shape):
     assert jax.eval_shape(module.apply, variable_shapes(module, 1), x).shape == (1, *shape, 7)
 
 
+def test_padded_logits_are_the_logits_inside_and_the_bias_on_the_ring():
+    module = Segmenter(segmenter_config(n_labels=5, nb_features=4, nb_levels=3))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 8, 12, 16, 1)), jnp.float32)
+    variables = module.init(jax.random.key(0), x)
+    head = variables["params"]["unet"]["unet_likelihood"]
+    head["bias"] = jnp.arange(1.0, 6.0)                      # Glorot init leaves it zero
+    logits = np.asarray(module.apply(variables, x))
+    padded = np.asarray(module.apply(variables, x, pad_output=2))
+    assert padded.shape == (1, 12, 16, 20, 5)
+    np.testing.assert_array_equal(padded[:, 2:-2, 2:-2, 2:-2], logits)
+    ring = np.ones(padded.shape[:-1], bool)
+    ring[:, 2:-2, 2:-2, 2:-2] = False
+    np.testing.assert_array_equal(padded[ring], np.broadcast_to(np.arange(1.0, 6.0), (ring.sum(), 5)))
+
+
 def test_segmenter_rejects_sizes_the_decoder_cannot_meet():
     module = Segmenter(segmenter_config(n_labels=3, nb_features=2))
     with pytest.raises(ValueError, match="multiple of 16"):
