@@ -219,7 +219,7 @@ def softmax_blurred(network: Any, x: jax.Array, sigma: float = POSTERIOR_BLUR_SI
     The softmax is split as XLA computes it, ``exp(l - max) * (1 / sum)``: the exponentials can
     overwrite the logits, and the per-voxel factor, zero on the padding ring, is applied inside
     the blur's single pass. Blurring ``softmax`` padded afterwards kept three buffers of that
-    size at once (8.7 GB with the parcellation's 69 channels at 224x256x192)."""
+    size at once (2.9 GB each with the parcellation's 69 channels at 224x256x192)."""
     half = blur_margin(sigma)
     logits = network(x, pad_output=half)
     e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
