@@ -123,7 +123,11 @@ def crop_around_labels(label_index: jax.Array, size: int = QC_CROP_SIZE) -> jax.
 
 def parcellation_input(image: jax.Array, seg_index: jax.Array, labels: jax.Array) -> jax.Array:
     """Image joined to a two-channel one-hot cortex mask (labels 3 and 42), as the parc U-Net sees it."""
-    in_cortex = jnp.isin(labels, jnp.array(CORTEX_LABELS))[seg_index]
+    return with_cortex_mask(image, jnp.isin(labels, jnp.array(CORTEX_LABELS))[seg_index])
+
+
+def with_cortex_mask(image: jax.Array, in_cortex: jax.Array) -> jax.Array:
+    """``image`` (..., 1) joined to the one-hot of the boolean mask ``in_cortex`` (...)."""
     mask = jax.nn.one_hot(in_cortex.astype(jnp.int32), 2, dtype=image.dtype)
     return jnp.concatenate([image, mask], axis=-1)
 

@@ -8,12 +8,11 @@ parity"): float32 ties flip a few mask voxels, and random weights spread each fl
 
 Runs on a 160^3 centre crop of the padded MNI input, with the models in .parity/models.
 """
-import sys, time
 import jax, jax.numpy as jnp, numpy as np
 from synthseg_jax.io import load_scan
 from synthseg_jax.inference.preprocess import preprocess
 from synthseg_jax.inference.network import Mode, Predictor, load_networks
-from synthseg_jax.nn.synthseg import CORTEX_LABELS
+from synthseg_jax.nn.synthseg import CORTEX_LABELS, with_cortex_mask
 
 nets = load_networks(".parity/models", Mode(parc=True))
 prep = preprocess(load_scan(".parity/pipeline/inputs/mni.nii.gz"))
@@ -25,8 +24,7 @@ labels = np.asarray(nets.tables.segmentation)
 
 @jax.jit
 def parc_argmax(x, in_cortex):
-    mask = jax.nn.one_hot(in_cortex.astype(jnp.int32), 2, dtype=x.dtype)[None]
-    return jnp.argmax(nets.parc.apply(nets.variables["parc"], jnp.concatenate([x, mask], -1))[0], -1)
+    return jnp.argmax(nets.parc.apply(nets.variables["parc"], with_cortex_mask(x, in_cortex[None]))[0], -1)
 
 # the pipeline's own flip-averaged, blurred segmentation posteriors (default mode)
 post = Predictor(nets, Mode())(crop).posteriors
