@@ -43,8 +43,10 @@ def checkpoint_dir(path: str) -> str:
     return sub if os.path.isdir(sub) else path
 
 
-def _has_steps(path: str) -> bool:
-    return os.path.isdir(path) and any(n.isdigit() for n in os.listdir(path))
+def latest_step(directory: str) -> int | None:
+    """The newest step saved in a ``checkpoints/`` folder (None when it has none)."""
+    steps = [int(n) for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(directory) else []
+    return max(steps) if steps else None
 
 
 def make_manager(directory: str, keep: int | None = 3, async_save: bool = True,
@@ -87,7 +89,7 @@ def restore_state(manager: ocp.CheckpointManager, template, step: int | None = N
 def load_model(path: str, step: int | None = None) -> tuple[dict, dict]:
     """``(variables, meta)`` of a checkpoint: ``path`` is a run folder or its ``checkpoints/``."""
     directory = checkpoint_dir(path)
-    if not _has_steps(directory):
+    if latest_step(directory) is None:
         raise FileNotFoundError(f"{directory}: no checkpoint here")
     manager = make_manager(directory, keep=None, async_save=False, read_only=True)
     try:

@@ -248,7 +248,8 @@ class Run:
         self.freeze = freeze_patterns(train)
         self.tx = st.make_optimizer(**optim, freeze=self.freeze, params=variables["params"])
         self.trainer = st.Trainer(self.module, self.tx, self.task.loss, self.mesh,
-                                  frozen_stats=self.freeze)
+                                  frozen_stats=self.freeze,
+                                  running_stats=bool(train.get("bn_running_stats", False)))
         self.initial = st.create_state(variables, self.tx, self.seed)
         maps = [self.data.train_maps] + ([self.data.val_maps] if self.data.val_maps is not None else [])
         self.n_train = len(self.data.train_maps)
@@ -312,13 +313,15 @@ class Run:
                 out_shardings=(self.trainer.batch_sharding,) * 2)
         return self._batch_k(keys, idx, self.bank)
 
-    def validate(self, state, chunks, mni) -> dict:
+    def synthetic_scores(self, variables, chunks) -> np.ndarray:
+        """The validation score (Dice, or QC error) of every chunk of :meth:`validation_set`."""
+        scores = [jax.device_get(self._eval(variables, x, y)) for x, y in chunks]
+        return np.array([float(next(iter(s.values()))) for s in scores])
+
+    def validate(self, variables, chunks, mni) -> dict:
         out = {}
-        variables = state.variables()
         if chunks:
-            scores = [jax.device_get(self._eval(variables, x, y)) for x, y in chunks]
-            key = next(iter(scores[0]))
-            out["synthetic"] = float(np.mean([s[key] for s in scores]))
+            out["synthetic"] = float(np.mean(self.synthetic_scores(variables, chunks)))
         if mni is not None:
             logits = self._forward(variables, mni.image)
             labels = np.asarray(self.task.target_labels)[np.asarray(jnp.argmax(logits[0], -1))]
@@ -434,7 +437,7 @@ def run(cfg) -> dict:
                 bar.update(1)
                 done = step + 1
                 if val_every and (done % val_every == 0 or done == r.total_steps):
-                    last_val = r.validate(state, chunks, mni)
+                    last_val = r.validate(state.variables(), chunks, mni)
                     val_log.write(step=done, phase=phase, **last_val)
                     if main:
                         plot_curves(r.out_dir)

@@ -143,11 +143,17 @@ class Trainer:
 
     ``loss_fn(phase, outputs, targets) -> scalar`` defines the phases (e.g. 'wl2', 'dice').
     ``frozen_stats``: regexes of BatchNorm layers whose moving statistics must not change.
+    ``running_stats``: normalise with the moving statistics in training too, as inference does.
+    With batch 1 and a random contrast per image, each image's own statistics differ from the
+    averages, and a network that has learnt to lean on them scores far lower at inference; this
+    trains the network that inference runs (the statistics then stay fixed).
     """
 
     def __init__(self, module: nn.Module, tx: optax.GradientTransformation,
-                 loss_fn: Callable, mesh: Mesh | None = None, frozen_stats: Sequence[str] = ()):
+                 loss_fn: Callable, mesh: Mesh | None = None, frozen_stats: Sequence[str] = (),
+                 running_stats: bool = False):
         self.module = module
+        self.running_stats = running_stats
         self.tx = tx
         self.loss_fn = loss_fn
         self.mesh = mesh or make_mesh(jax.devices()[:1])
@@ -176,9 +182,11 @@ class Trainer:
 
     def _step(self, phase: str, state: TrainState, inputs, targets):
         def objective(params):
-            outputs, updates = self.module.apply(
-                {"params": params, "batch_stats": state.batch_stats}, inputs, train=True,
-                mutable=["batch_stats"])
+            variables = {"params": params, "batch_stats": state.batch_stats}
+            if self.running_stats:
+                outputs = self.module.apply(variables, inputs, train=False)
+                return self.loss_fn(phase, outputs, targets), state.batch_stats
+            outputs, updates = self.module.apply(variables, inputs, train=True, mutable=["batch_stats"])
             return self.loss_fn(phase, outputs, targets), updates.get("batch_stats", {})
 
         (loss, batch_stats), grads = jax.value_and_grad(objective, has_aux=True)(state.params)

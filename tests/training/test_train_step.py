@@ -58,12 +58,30 @@ def test_init_variables_are_keras_like():
                                                      jax.tree_util.tree_leaves(again)))
 
 
-def tiny_trainer(freeze=()):
+def tiny_trainer(freeze=(), running_stats=False):
     module = Segmenter(UNetConfig(prefix="unet", n_labels=3, nb_features=2, nb_levels=2))
     v = st.init_variables(module, 1)
     tx = st.make_optimizer(1e-2, freeze=freeze, params=v["params"])
     loss = lambda phase, out, y: jnp.mean((out - 1.0) ** 2)
-    return st.Trainer(module, tx, loss, frozen_stats=freeze), st.create_state(v, tx, 0)
+    return (st.Trainer(module, tx, loss, frozen_stats=freeze, running_stats=running_stats),
+            st.create_state(v, tx, 0))
+
+
+def test_running_stats_trains_the_inference_network():
+    """With running_stats the step's loss is the inference-mode loss, its gradient lowers that
+    loss, and the moving statistics stay as they were."""
+    trainer, state = tiny_trainer(running_stats=True)
+    state = trainer.place_state(state.replace(batch_stats=jax.tree_util.tree_map(
+        lambda a: a + 0.5, state.batch_stats)))   # statistics far from any batch's own
+    x = jax.random.normal(jax.random.key(4), (1, 8, 8, 8, 1)) * 3 + 2
+    inference = float(trainer.loss("any", state, x, x[..., 0], train=False))
+    assert not np.isclose(inference, float(trainer.loss("any", state, x, x[..., 0], train=True)))
+    before = jax.device_get(state.batch_stats)
+    new_state, metrics = trainer.step("any", state, x, x[..., 0])
+    assert np.isclose(float(metrics["loss"]), inference, rtol=1e-5)
+    assert float(trainer.loss("any", new_state, x, x[..., 0], train=False)) < inference
+    for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(new_state.batch_stats)):
+        np.testing.assert_array_equal(a, np.asarray(b))
 
 
 def test_batchnorm_moving_average_is_keras():
