@@ -8,11 +8,13 @@ This re-scores every committed checkpoint of the run on ``--n-per-map`` images p
 the network's own voxel size, and on the nilearn MNI T1, exactly as the training loop does.
 
     python benchmarks/bench_training_curve.py [--run checkpoints/cpu_2.0_run] [--n-per-map 16]
-        [--png curve.png] [--checkpoints DIR ...]
+        [--png curve.png] [--checkpoints DIR ...] [--own-stats]
 
 Prints a markdown table for BENCHMARKS.md: one row per committed checkpoint, then the working
 tree's checkpoint if it is newer. ``--checkpoints`` scores the given ``checkpoints/`` folders
 instead (an A/B of runs forked from one step), with each one's paired difference from the first.
+``--own-stats`` adds the synthetic score with BatchNorm normalising each image with its own
+statistics, as training does without ``train.bn_running_stats``.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--png", default=None, help="also draw the curve here")
     p.add_argument("--checkpoints", nargs="+", default=None,
                    help="score these checkpoints/ folders (their latest step) instead of the history")
+    p.add_argument("--own-stats", action="store_true",
+                   help="also score with each image's own BatchNorm statistics")
     return p.parse_args(argv)
 
 
@@ -64,9 +68,9 @@ def extract(commit: str, run: str, into: str) -> str:
     return os.path.join(into, run, "checkpoints")
 
 
-def make_scorer(run_dir: str, n_per_map: int):
-    """``score(variables) -> (per-image Dice, MNI scores)``, built once: the validation images
-    are drawn once with the run's validation seed."""
+def make_scorer(run_dir: str, n_per_map: int, own_stats: bool):
+    """``score(variables) -> (per-image Dice, MNI scores and the own-statistics mean)``, built
+    once: the validation images are drawn once with the run's validation seed."""
     from omegaconf import OmegaConf
     from synthseg_jax.training.loop import Run
 
@@ -76,7 +80,10 @@ def make_scorer(run_dir: str, n_per_map: int):
     chunks, mni = run.validation_set(), run.mni()
 
     def score(variables):
-        return run.synthetic_scores(variables, chunks), run.validate(variables, [], mni)
+        extra = run.validate(variables, [], mni)
+        if own_stats:
+            extra["own_stats"] = float(run.synthetic_scores(variables, chunks, own_stats=True).mean())
+        return run.synthetic_scores(variables, chunks), extra
     return score
 
 
@@ -101,17 +108,21 @@ def plot(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def print_table(rows: list[dict], paired: bool) -> None:
+def print_table(rows: list[dict], paired: bool, own_stats: bool) -> None:
     """Markdown; ``paired``: add each row's mean per-image difference from the first row."""
     first = rows[0]["dice"]
-    extra = " | minus the first row (+- s.e.)" if paired else ""
-    print(f"\n| checkpoint | date | step | held-out synthetic mean Dice (+- s.e., n={len(first)}) "
-          f"| MNI WM Dice | MNI GM Dice{extra} |\n|---|---|---|---|---|---|" + ("---|" if paired else ""))
+    heads = ["checkpoint", "date", "step", f"held-out synthetic mean Dice (+- s.e., n={len(first)})"]
+    heads += ["same, each image's own BatchNorm statistics"] if own_stats else []
+    heads += ["MNI WM Dice", "MNI GM Dice"] + (["minus the first row (+- s.e.)"] if paired else [])
+    print("\n| " + " | ".join(heads) + " |\n|" + "---|" * len(heads))
     for r in rows:
-        diff = r["dice"] - first
-        cell = f" | {diff.mean():+.3f} +- {diff.std(ddof=1) / np.sqrt(len(diff)):.3f}" if paired else ""
-        print(f"| {r['commit']} | {r['date']} | {r['step']} | {r['mean']:.3f} +- {r['se']:.3f} "
-              f"| {r['mni_wm']:.3f} | {r['mni_gm']:.3f}{cell} |")
+        cells = [r["commit"], r["date"], str(r["step"]), f"{r['mean']:.3f} +- {r['se']:.3f}"]
+        cells += [f"{r['own_stats']:.3f}"] if own_stats else []
+        cells += [f"{r['mni_wm']:.3f}", f"{r['mni_gm']:.3f}"]
+        if paired:
+            diff = r["dice"] - first
+            cells.append(f"{diff.mean():+.3f} +- {diff.std(ddof=1) / np.sqrt(len(diff)):.3f}")
+        print("| " + " | ".join(cells) + " |")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -119,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     from synthseg_jax.training.checkpoint import checkpoint_dir, latest_step, load_model
 
     run_dir = os.path.join(REPO, args.run)
-    score = make_scorer(run_dir, args.n_per_map)
+    score = make_scorer(run_dir, args.n_per_map, args.own_stats)
     sources = []
     with tempfile.TemporaryDirectory(prefix="curve_ckpt_") as tmp:
         if args.checkpoints:
@@ -149,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{commit} step {step}: {rows[-1]['mean']:.3f} ({time.perf_counter() - t0:.0f} s)",
                   file=sys.stderr, flush=True)
 
-    print_table(rows, paired=bool(args.checkpoints))
+    print_table(rows, paired=bool(args.checkpoints), own_stats=args.own_stats)
     if args.png:
         plot(rows, args.png)
         print(f"\nwrote {args.png}")

@@ -256,6 +256,8 @@ class Run:
         self.bank = jax.device_put(np.concatenate(maps), self.trainer.replicated)
         self._batch = jax.jit(self._make_batch, out_shardings=(self.trainer.batch_sharding,) * 2)
         self._eval = jax.jit(lambda v, x, y: self.task.evaluate(self.module.apply(v, x), y))
+        self._eval_own_stats = jax.jit(lambda v, x, y: self.task.evaluate(
+            self.module.apply(v, x, train=True, mutable=["batch_stats"])[0], y))
         self._forward = jax.jit(lambda v, x: self.module.apply(v, x))
         self.wl2_steps = int(train.get("wl2_steps", 0)) if "wl2" in self.task.phases else 0
         self.total_steps = int(train["steps"])
@@ -313,9 +315,12 @@ class Run:
                 out_shardings=(self.trainer.batch_sharding,) * 2)
         return self._batch_k(keys, idx, self.bank)
 
-    def synthetic_scores(self, variables, chunks) -> np.ndarray:
-        """The validation score (Dice, or QC error) of every chunk of :meth:`validation_set`."""
-        scores = [jax.device_get(self._eval(variables, x, y)) for x, y in chunks]
+    def synthetic_scores(self, variables, chunks, own_stats: bool = False) -> np.ndarray:
+        """The validation score (Dice, or QC error) of every chunk of :meth:`validation_set`;
+        ``own_stats``: BatchNorm normalises each chunk with its own statistics, as training does
+        (the gap to the default shows how far the moving statistics are from the images')."""
+        evaluate = self._eval_own_stats if own_stats else self._eval
+        scores = [jax.device_get(evaluate(variables, x, y)) for x, y in chunks]
         return np.array([float(next(iter(s.values()))) for s in scores])
 
     def validate(self, variables, chunks, mni) -> dict:
