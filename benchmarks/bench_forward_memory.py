@@ -35,7 +35,7 @@ def plan(models: str, mode_name: str, shape: tuple[int, ...]) -> dict[str, float
     mode = Mode(**MODES[mode_name])
     predictor = Predictor(load_networks(models, mode), mode)
     forward = predictor.compiled(shape).memory_analysis()
-    finish = predictor._compiled_finish[shape].memory_analysis()
+    finish = predictor.compiled_finish(shape).memory_analysis()
     gb = 1e9
     return {"temp": forward.temp_size_in_bytes / gb, "out": forward.output_size_in_bytes / gb,
             "args": forward.argument_size_in_bytes / gb,

@@ -385,6 +385,12 @@ class Predictor:
                      len(self._compiled))
         return self._compiled[shape]
 
+    def compiled_finish(self, shape: tuple[int, ...]):
+        """The finishing program (post-processing on the device) for ``shape``, compiled with the
+        forward; benchmarks read its memory plan."""
+        self.compiled(shape)
+        return self._compiled_finish[tuple(int(s) for s in shape)]
+
     def _compile_finish(self, shape: tuple[int, ...]):
         tables = self.networks.tables
         f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
