@@ -76,7 +76,7 @@ def make_scorer(run_dir: str, n_per_map: int, own_stats: bool):
 
     cfg = OmegaConf.to_container(OmegaConf.load(os.path.join(run_dir, "config.yaml")), resolve=True)
     cfg["validation"].update(n_per_map=n_per_map, mni=True)
-    run = Run(cfg, out_dir=tempfile.mkdtemp(prefix="curve_"))
+    run = Run(cfg, out_dir=run_dir)   # only read: nothing is written there
     chunks, mni = run.validation_set(), run.mni()
 
     def score(variables):
