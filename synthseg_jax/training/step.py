@@ -213,9 +213,10 @@ class Trainer:
     def step(self, phase: str, state: TrainState, inputs, targets):
         return self.step_fn(phase)(state, inputs, targets)
 
-    def loss(self, phase: str, state: TrainState, inputs, targets, train: bool = True):
-        """Loss of ``state`` on a batch without updating anything (BatchNorm in training mode by
-        default, as the step sees it)."""
+    def loss(self, phase: str, state: TrainState, inputs, targets, train: bool | None = None):
+        """Loss of ``state`` on a batch without updating anything. ``train``: BatchNorm with the
+        batch's own statistics; by default as the step normalises (so not with ``running_stats``)."""
+        train = not self.running_stats if train is None else train
         key = ("loss", phase, train)
         if key not in self._steps:
             def f(s, x, y):
