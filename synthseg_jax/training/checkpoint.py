@@ -2,7 +2,9 @@
 
 A checkpoint (``<run>/checkpoints/<step>/``) holds three items:
 
-* ``model`` -- ``{'params', 'batch_stats'}``: all that inference and export need;
+* ``model`` -- ``{'params', 'batch_stats'}`` and, when the run keeps one, ``'ema_params'``
+  (the moving average of the params): all that inference and export need. Export, inference and
+  fine-tuning take the moving average when it is there;
 * ``train`` -- ``{'step', 'opt_state', 'rng'}``: with ``model``, everything an exact resume needs
   (the data of step t is drawn with ``fold_in(rng, t)``, so no iterator state is required);
 * ``meta`` -- JSON: the model spec, channel labels, input channels, generator voxel size.
@@ -24,6 +26,7 @@ import shutil
 from typing import Any, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -62,32 +65,49 @@ def make_manager(directory: str, keep: int | None = 3, async_save: bool = True,
 def save(manager: ocp.CheckpointManager, state, meta: Mapping[str, Any], force: bool = False) -> bool:
     step = int(jax.device_get(state.step))
     model = {"params": state.params, "batch_stats": state.batch_stats}
+    if state.ema_params is not None:
+        model["ema_params"] = state.ema_params
     train = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
     return manager.save(step, args=ocp.args.Composite(
         model=ocp.args.StandardSave(model), train=ocp.args.StandardSave(train),
         meta=ocp.args.JsonSave(dict(meta, step=step))), force=force)
 
 
+def _has_ema(manager: ocp.CheckpointManager, step: int) -> bool:
+    """Whether the checkpoint of ``step`` holds a moving average of the params."""
+    path = os.path.join(str(manager.directory), str(step), "model")
+    return "ema_params" in ocp.StandardCheckpointer().metadata(path).item_metadata
+
+
 def restore_state(manager: ocp.CheckpointManager, template, step: int | None = None):
     """The full train state of ``step`` (default: latest) shaped like ``template`` (a
-    ``TrainState``, e.g. freshly created); None when the folder has no checkpoint."""
+    ``TrainState``, e.g. freshly created); None when the folder has no checkpoint. A template
+    with a moving average resumed from a checkpoint without one starts the average at the
+    restored params; one without drops a stored average."""
     step = manager.latest_step() if step is None else step
     if step is None:
         return None
     abstract = lambda tree: jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
     model_t = {"params": template.params, "batch_stats": template.batch_stats}
+    if _has_ema(manager, step):
+        model_t["ema_params"] = template.params
     train_t = {"step": template.step, "opt_state": template.opt_state, "rng": template.rng}
     restored = manager.restore(step, args=ocp.args.Composite(
         model=ocp.args.StandardRestore(abstract(model_t)),
         train=ocp.args.StandardRestore(abstract(train_t))))
     model, train = restored["model"], restored["train"]
+    ema = None
+    if template.ema_params is not None:
+        ema = model["ema_params"] if "ema_params" in model else \
+            jax.tree_util.tree_map(jnp.array, model["params"])   # a copy: the step donates both
     return template.replace(step=train["step"], params=model["params"],
                             batch_stats=model["batch_stats"], opt_state=train["opt_state"],
-                            rng=train["rng"])
+                            rng=train["rng"], ema_params=ema)
 
 
-def load_model(path: str, step: int | None = None) -> tuple[dict, dict]:
-    """``(variables, meta)`` of a checkpoint: ``path`` is a run folder or its ``checkpoints/``."""
+def load_model(path: str, step: int | None = None, average: bool = True) -> tuple[dict, dict]:
+    """``(variables, meta)`` of a checkpoint: ``path`` is a run folder or its ``checkpoints/``.
+    ``average``: the moving average of the params when the checkpoint has one (else the params)."""
     directory = checkpoint_dir(path)
     if latest_step(directory) is None:
         raise FileNotFoundError(f"{directory}: no checkpoint here")
@@ -100,9 +120,12 @@ def load_model(path: str, step: int | None = None) -> tuple[dict, dict]:
             model=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
     finally:
         manager.close()
-    variables = jax.tree_util.tree_map(np.asarray, dict(restored["model"]))
-    variables.setdefault("batch_stats", {})
-    return variables, dict(restored["meta"])
+    model = jax.tree_util.tree_map(np.asarray, dict(restored["model"]))
+    ema = model.pop("ema_params", None)
+    if average and ema is not None:
+        model["params"] = ema
+    model.setdefault("batch_stats", {})
+    return model, dict(restored["meta"])
 
 
 def architecture(meta: Mapping[str, Any]) -> dict:

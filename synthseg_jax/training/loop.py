@@ -249,8 +249,9 @@ class Run:
         self.tx = st.make_optimizer(**optim, freeze=self.freeze, params=variables["params"])
         self.trainer = st.Trainer(self.module, self.tx, self.task.loss, self.mesh,
                                   frozen_stats=self.freeze,
-                                  running_stats=bool(train.get("bn_running_stats", False)))
-        self.initial = st.create_state(variables, self.tx, self.seed)
+                                  running_stats=bool(train.get("bn_running_stats", False)),
+                                  ema_decay=float(train.get("ema_decay") or 0.0))
+        self.initial = st.create_state(variables, self.tx, self.seed, ema=self.trainer.ema_decay > 0)
         maps = [self.data.train_maps] + ([self.data.val_maps] if self.data.val_maps is not None else [])
         self.n_train = len(self.data.train_maps)
         self.bank = jax.device_put(np.concatenate(maps), self.trainer.replicated)
@@ -442,7 +443,7 @@ def run(cfg) -> dict:
                 bar.update(1)
                 done = step + 1
                 if val_every and (done % val_every == 0 or done == r.total_steps):
-                    last_val = r.validate(state.variables(), chunks, mni)
+                    last_val = r.validate(state.inference_variables(), chunks, mni)
                     val_log.write(step=done, phase=phase, **last_val)
                     if main:
                         plot_curves(r.out_dir)
@@ -465,7 +466,7 @@ def run(cfg) -> dict:
                 name = f"synthseg_robust_2.0_{r.spec.prefix}.h5"
             path = os.path.join(r.out_dir, "export", name)
             from synthseg_jax.weights.keras_h5 import save_keras_h5
-            save_keras_h5(jax.device_get(state.variables()), path)
+            save_keras_h5(jax.device_get(state.inference_variables()), path)
             summary["export"] = path
         print(f"[train] done: {summary}", flush=True)
     return summary

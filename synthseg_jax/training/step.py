@@ -1,7 +1,8 @@
 """Train state, optimiser, initialisation and the jitted, data-parallel training step.
 
-* :class:`TrainState` -- step, params, BatchNorm statistics, optimiser state and the run's RNG key
-  (everything a checkpoint needs for an exact resume);
+* :class:`TrainState` -- step, params, BatchNorm statistics, optimiser state, the run's RNG key
+  (everything a checkpoint needs for an exact resume) and, optionally, an exponential moving
+  average of the params: the weights validation and export use;
 * :func:`make_optimizer` -- optax Adam (lr 1e-4 by default, Keras' ``decay`` as ``lr / (1 + d t)``),
   with optional frozen layers for fine-tuning;
 * :func:`init_variables` -- Keras' initialisation (Glorot-uniform kernels, zero biases, unit BN
@@ -41,9 +42,17 @@ class TrainState(struct.PyTreeNode):
     batch_stats: Any
     opt_state: Any
     rng: jax.Array            # uint32 key data of the run; step t uses fold_in(rng, t)
+    ema_params: Any = None    # moving average of params (None: not kept)
 
     def variables(self) -> dict:
+        """The weights being optimised."""
         return {"params": self.params, "batch_stats": self.batch_stats}
+
+    def inference_variables(self) -> dict:
+        """The weights to validate and export: the moving average when one is kept (with batch 1
+        and a new contrast every step the raw weights jitter around a better average)."""
+        params = self.params if self.ema_params is None else self.ema_params
+        return {"params": params, "batch_stats": self.batch_stats}
 
 
 # --------------------------------------------------------------------------- initialisation
@@ -119,11 +128,14 @@ def make_optimizer(lr: float = 1e-4, b1: float = 0.9, b2: float = 0.999, eps: fl
     return tx
 
 
-def create_state(variables: Mapping, tx: optax.GradientTransformation, seed: int) -> TrainState:
+def create_state(variables: Mapping, tx: optax.GradientTransformation, seed: int,
+                 ema: bool = False) -> TrainState:
+    """``ema``: keep a moving average of the params, starting from them."""
     params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
-                      rng=jax.random.key_data(jax.random.key(seed)))
+                      rng=jax.random.key_data(jax.random.key(seed)),
+                      ema_params=jax.tree_util.tree_map(jnp.array, params) if ema else None)
 
 
 def step_key(state_rng: jax.Array, step) -> jax.Array:
@@ -147,13 +159,16 @@ class Trainer:
     With batch 1 and a random contrast per image, each image's own statistics differ from the
     averages, and a network that has learnt to lean on them scores far lower at inference; this
     trains the network that inference runs (the statistics then stay fixed).
+    ``ema_decay``: each step moves a state's ``ema_params`` (when it has them) towards the new
+    params, ``ema = decay ema + (1 - decay) params``.
     """
 
     def __init__(self, module: nn.Module, tx: optax.GradientTransformation,
                  loss_fn: Callable, mesh: Mesh | None = None, frozen_stats: Sequence[str] = (),
-                 running_stats: bool = False):
+                 running_stats: bool = False, ema_decay: float = 0.0):
         self.module = module
         self.running_stats = running_stats
+        self.ema_decay = float(ema_decay)
         self.tx = tx
         self.loss_fn = loss_fn
         self.mesh = mesh or make_mesh(jax.devices()[:1])
@@ -196,8 +211,11 @@ class Trainer:
                                                  mask, batch_stats, state.batch_stats)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        ema = state.ema_params
+        if ema is not None:
+            ema = optax.incremental_update(params, ema, 1.0 - self.ema_decay)
         new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                            opt_state=opt_state)
+                            opt_state=opt_state, ema_params=ema)
         return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     def step_fn(self, phase: str) -> Callable:

@@ -13,7 +13,7 @@ from conftest import TINY, compose, needs_maps
 
 from synthseg_jax.labels import LabelTables
 from synthseg_jax.training import checkpoint as ckpt
-from synthseg_jax.training.loop import run
+from synthseg_jax.training.loop import Run, run
 from synthseg_jax.training.step import Trainer
 from synthseg_jax.weights.keras_h5 import load_keras_h5
 
@@ -78,6 +78,33 @@ def test_interrupt_keeps_the_last_step_and_resumes(uninterrupted, tmp_path, monk
     monkeypatch.setattr(Trainer, "step", real_step)
     run(tiny(out, "train.steps=4", "train.checkpoint_every=100"))
     assert losses(out) == losses(uninterrupted)
+
+
+def test_moving_average_is_saved_exported_and_resumed(uninterrupted, tmp_path):
+    """A run keeping a moving average saves it beside the params; export and load_model take it;
+    resuming restores it; resuming a run saved without one starts it at the restored params."""
+    out = tmp_path / "ema"
+    run(tiny(out, "train.steps=3", "train.ema_decay=0.5"))
+    average, meta = ckpt.load_model(str(out))
+    raw, _ = ckpt.load_model(str(out), average=False)
+    kernel = lambda v: v["params"]["unet"]["unet_likelihood"]["kernel"]
+    assert meta["step"] == 3 and not np.allclose(kernel(average), kernel(raw))
+    exported = load_keras_h5(os.path.join(out, "export", "synthseg_2.0.h5"),
+                             jax.tree_util.tree_map(np.zeros_like, average))
+    np.testing.assert_array_equal(kernel(exported), kernel(average))
+    r = Run(tiny(out, "train.steps=3", "train.ema_decay=0.5"))
+    manager = ckpt.make_manager(os.path.join(out, "checkpoints"), keep=None, async_save=False)
+    resumed = ckpt.restore_state(manager, r.initial)
+    np.testing.assert_array_equal(np.asarray(kernel({"params": resumed.ema_params})), kernel(average))
+    # a checkpoint without an average (the uninterrupted run) resumed with one
+    plain = Run(tiny(tmp_path / "other", "train.ema_decay=0.5"))
+    manager = ckpt.make_manager(os.path.join(uninterrupted, "checkpoints"), keep=None, async_save=False,
+                                read_only=True)
+    started = ckpt.restore_state(manager, plain.initial)
+    np.testing.assert_array_equal(np.asarray(kernel({"params": started.ema_params})),
+                                  np.asarray(kernel({"params": started.params})))
+    np.testing.assert_array_equal(np.asarray(kernel({"params": started.params})),
+                                  kernel(ckpt.load_model(uninterrupted)[0]))
 
 
 def test_keep_last_checkpoints(tmp_path):

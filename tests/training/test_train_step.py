@@ -58,13 +58,36 @@ def test_init_variables_are_keras_like():
                                                      jax.tree_util.tree_leaves(again)))
 
 
-def tiny_trainer(freeze=(), running_stats=False):
+def tiny_trainer(freeze=(), running_stats=False, ema_decay=0.0):
     module = Segmenter(UNetConfig(prefix="unet", n_labels=3, nb_features=2, nb_levels=2))
     v = st.init_variables(module, 1)
     tx = st.make_optimizer(1e-2, freeze=freeze, params=v["params"])
     loss = lambda phase, out, y: jnp.mean((out - 1.0) ** 2)
-    return (st.Trainer(module, tx, loss, frozen_stats=freeze, running_stats=running_stats),
-            st.create_state(v, tx, 0))
+    return (st.Trainer(module, tx, loss, frozen_stats=freeze, running_stats=running_stats,
+                       ema_decay=ema_decay),
+            st.create_state(v, tx, 0, ema=ema_decay > 0))
+
+
+def test_moving_average_of_the_weights():
+    """Each step moves the average 10 % of the way to the new params; inference uses it, the
+    optimiser keeps the raw params; no average is kept unless asked for."""
+    trainer, state = tiny_trainer(ema_decay=0.9)
+    x = jax.random.normal(jax.random.key(5), (1, 8, 8, 8, 1))
+    expected = jax.device_get(state.params)
+    state = trainer.place_state(state)
+    for _ in range(3):
+        state, _ = trainer.step("any", state, x, x[..., 0])
+        expected = jax.tree_util.tree_map(lambda e, p: 0.9 * e + 0.1 * p, expected,
+                                          jax.device_get(state.params))
+    kernel = lambda v: np.asarray(v["params"]["unet"]["unet_likelihood"]["kernel"])
+    np.testing.assert_allclose(kernel(state.inference_variables()), kernel({"params": expected}),
+                               rtol=1e-5, atol=1e-7)
+    assert not np.allclose(kernel(state.inference_variables()), kernel(state.variables()))
+    plain, plain_state = tiny_trainer()
+    assert plain_state.ema_params is None
+    plain_state, _ = plain.step("any", plain.place_state(plain_state), x, x[..., 0])
+    assert plain_state.ema_params is None
+    np.testing.assert_array_equal(kernel(plain_state.inference_variables()), kernel(plain_state.variables()))
 
 
 def test_running_stats_trains_the_inference_network():
