@@ -8,13 +8,15 @@ This re-scores every committed checkpoint of the run on ``--n-per-map`` images p
 the network's own voxel size, and on the nilearn MNI T1, exactly as the training loop does.
 
     python benchmarks/bench_training_curve.py [--run checkpoints/cpu_2.0_run] [--n-per-map 16]
-        [--png curve.png] [--checkpoints DIR ...] [--own-stats]
+        [--png curve.png] [--checkpoints DIR ...] [--own-stats] [--raw]
 
 Prints a markdown table for BENCHMARKS.md: one row per committed checkpoint, then the working
 tree's checkpoint if it is newer. ``--checkpoints`` scores the given ``checkpoints/`` folders
 instead (an A/B of runs forked from one step), with each one's paired difference from the first.
 ``--own-stats`` adds the synthetic score with BatchNorm normalising each image with its own
-statistics, as training does without ``train.bn_running_stats``.
+statistics, as training does without ``train.bn_running_stats``. Checkpoints that keep a moving
+average of the weights (``train.ema_decay``) are scored with it, as they are exported; ``--raw``
+adds the raw weights' score and the average's paired gain over them.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="score these checkpoints/ folders (their latest step) instead of the history")
     p.add_argument("--own-stats", action="store_true",
                    help="also score with each image's own BatchNorm statistics")
+    p.add_argument("--raw", action="store_true",
+                   help="also score the raw weights of checkpoints that keep a moving average")
     return p.parse_args(argv)
 
 
@@ -108,25 +112,34 @@ def plot(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def print_table(rows: list[dict], paired: bool, own_stats: bool) -> None:
+def paired_difference(a: np.ndarray, b: np.ndarray) -> str:
+    diff = a - b
+    return f"{diff.mean():+.3f} +- {diff.std(ddof=1) / np.sqrt(len(diff)):.3f}"
+
+
+def print_table(rows: list[dict], paired: bool, own_stats: bool, raw: bool) -> None:
     """Markdown; ``paired``: add each row's mean per-image difference from the first row."""
     first = rows[0]["dice"]
     heads = ["checkpoint", "date", "step", f"held-out synthetic mean Dice (+- s.e., n={len(first)})"]
     heads += ["same, each image's own BatchNorm statistics"] if own_stats else []
+    heads += ["raw weights (averaged minus raw, +- s.e.)"] if raw else []
     heads += ["MNI WM Dice", "MNI GM Dice"] + (["minus the first row (+- s.e.)"] if paired else [])
     print("\n| " + " | ".join(heads) + " |\n|" + "---|" * len(heads))
     for r in rows:
         cells = [r["commit"], r["date"], str(r["step"]), f"{r['mean']:.3f} +- {r['se']:.3f}"]
         cells += [f"{r['own_stats']:.3f}"] if own_stats else []
+        if raw:
+            cells.append(f"{r['raw'].mean():.3f} ({paired_difference(r['dice'], r['raw'])})"
+                         if "raw" in r else "no average kept")
         cells += [f"{r['mni_wm']:.3f}", f"{r['mni_gm']:.3f}"]
         if paired:
-            diff = r["dice"] - first
-            cells.append(f"{diff.mean():+.3f} +- {diff.std(ddof=1) / np.sqrt(len(diff)):.3f}")
+            cells.append(paired_difference(r["dice"], first))
         print("| " + " | ".join(cells) + " |")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    import jax
     from synthseg_jax.training.checkpoint import checkpoint_dir, latest_step, load_model
 
     run_dir = os.path.join(REPO, args.run)
@@ -157,10 +170,15 @@ def main(argv: list[str] | None = None) -> None:
             dice, mni = score(variables)
             rows.append(dict(commit=commit, date=date, step=step, dice=dice, mean=float(dice.mean()),
                              se=float(dice.std(ddof=1) / np.sqrt(len(dice))), **mni))
+            if args.raw:
+                raw, _ = load_model(directory, step, average=False)
+                if any(not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(raw),
+                                                                jax.tree_util.tree_leaves(variables))):
+                    rows[-1]["raw"] = score(raw)[0]
             print(f"{commit} step {step}: {rows[-1]['mean']:.3f} ({time.perf_counter() - t0:.0f} s)",
                   file=sys.stderr, flush=True)
 
-    print_table(rows, paired=bool(args.checkpoints), own_stats=args.own_stats)
+    print_table(rows, paired=bool(args.checkpoints), own_stats=args.own_stats, raw=args.raw)
     if args.png:
         plot(rows, args.png)
         print(f"\nwrote {args.png}")
