@@ -76,7 +76,8 @@ def save(manager: ocp.CheckpointManager, state, meta: Mapping[str, Any], force: 
 def _has_ema(manager: ocp.CheckpointManager, step: int) -> bool:
     """Whether the checkpoint of ``step`` holds a moving average of the params."""
     path = os.path.join(str(manager.directory), str(step), "model")
-    return "ema_params" in ocp.StandardCheckpointer().metadata(path).item_metadata
+    with ocp.StandardCheckpointer() as reader:
+        return "ema_params" in reader.metadata(path).item_metadata
 
 
 def restore_state(manager: ocp.CheckpointManager, template, step: int | None = None):
