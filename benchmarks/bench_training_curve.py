@@ -139,8 +139,7 @@ def print_table(rows: list[dict], paired: bool, own_stats: bool, raw: bool) -> N
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    import jax
-    from synthseg_jax.training.checkpoint import checkpoint_dir, latest_step, load_model
+    from synthseg_jax.training.checkpoint import checkpoint_dir, has_average, latest_step, load_model
 
     run_dir = os.path.join(REPO, args.run)
     score = make_scorer(run_dir, args.n_per_map, args.own_stats)
@@ -170,11 +169,8 @@ def main(argv: list[str] | None = None) -> None:
             dice, mni = score(variables)
             rows.append(dict(commit=commit, date=date, step=step, dice=dice, mean=float(dice.mean()),
                              se=float(dice.std(ddof=1) / np.sqrt(len(dice))), **mni))
-            if args.raw:
-                raw, _ = load_model(directory, step, average=False)
-                if any(not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(raw),
-                                                                jax.tree_util.tree_leaves(variables))):
-                    rows[-1]["raw"] = score(raw)[0]
+            if args.raw and has_average(directory, step):
+                rows[-1]["raw"] = score(load_model(directory, step, average=False)[0])[0]
             print(f"{commit} step {step}: {rows[-1]['mean']:.3f} ({time.perf_counter() - t0:.0f} s)",
                   file=sys.stderr, flush=True)
 

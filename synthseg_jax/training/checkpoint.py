@@ -73,11 +73,12 @@ def save(manager: ocp.CheckpointManager, state, meta: Mapping[str, Any], force: 
         meta=ocp.args.JsonSave(dict(meta, step=step))), force=force)
 
 
-def _has_ema(manager: ocp.CheckpointManager, step: int) -> bool:
-    """Whether the checkpoint of ``step`` holds a moving average of the params."""
-    path = os.path.join(str(manager.directory), str(step), "model")
+def has_average(path: str, step: int) -> bool:
+    """Whether the checkpoint of ``step`` (``path``: a run folder or its ``checkpoints/``) holds a
+    moving average of the params."""
+    model = os.path.join(checkpoint_dir(path), str(step), "model")
     with ocp.StandardCheckpointer() as reader:
-        return "ema_params" in reader.metadata(path).item_metadata
+        return "ema_params" in reader.metadata(model).item_metadata
 
 
 def restore_state(manager: ocp.CheckpointManager, template, step: int | None = None):
@@ -90,7 +91,7 @@ def restore_state(manager: ocp.CheckpointManager, template, step: int | None = N
         return None
     abstract = lambda tree: jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
     model_t = {"params": template.params, "batch_stats": template.batch_stats}
-    if _has_ema(manager, step):
+    if has_average(str(manager.directory), step):
         model_t["ema_params"] = template.params
     train_t = {"step": template.step, "opt_state": template.opt_state, "rng": template.rng}
     restored = manager.restore(step, args=ocp.args.Composite(
