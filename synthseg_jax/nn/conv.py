@@ -11,7 +11,7 @@ Backends (:func:`resolve_backend`):
 * ``onednn``: the custom call, forward and backward (a :func:`jax.custom_vjp`: the input gradient
   is a 'SAME' convolution of the output gradient with the flipped, in/out-swapped kernel, through
   ``__onednn$convolution``; the kernel gradient one ``__onednn$matmul`` per kernel offset; the
-  bias gradient an XLA sum). float32 only: other dtypes take the ``xla`` path;
+  bias gradient an XLA sum);
 * ``auto`` (default): ``onednn`` only when JAX's default backend is CPU *and* the installed jaxlib
   is the version this was verified on (:data:`VERIFIED_JAXLIB`); otherwise ``xla``.
 
@@ -32,6 +32,14 @@ Limitations:
 * XLA cannot serialise executables holding these custom calls: the persistent compilation cache
   warns ("Error writing persistent compilation cache entry ... std::bad_alloc") and recompiles;
 * no ``vmap`` or forward-mode (``jvp``) rule.
+
+Mixed precision (``conv_dtype='bfloat16'``): the convolution's inputs (activations and kernel)
+are cast to bfloat16, oneDNN accumulates in float32 and returns float32, so the bias, activation,
+BatchNorm, softmax and loss stay float32 and the weights are float32 masters; the backward pass
+casts the output gradient to bfloat16 for its two products, which again return float32. On CPUs
+without native bfloat16 (no ``avx512_bf16``/``amx_bf16`` in ``/proc/cpuinfo``) oneDNN would
+emulate it slower than float32, so :func:`effective_conv_dtype` falls back to float32 with one
+log line.
 
 Parameters are those of ``flax.linen.Conv`` (``kernel`` (k, k, k, in, out), Glorot-uniform;
 ``bias`` (out,), zeros), so Keras ``.h5`` import/export and orbax checkpoints are unchanged.
@@ -59,6 +67,7 @@ VERIFIED_JAXLIB = "0.10.2"
 ENV_VAR = "SYNTHSEG_JAX_CONV"
 BACKENDS = ("auto", "xla", "onednn")
 ACTIVATIONS = (None, "elu", "relu")
+COMPUTE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 # lax.conv_general_dilated's layout of Keras' channels-last 3-D convolution.
 _KERAS_DNUMS = ("NDHWC", "DHWIO", "NDHWC")
@@ -103,12 +112,18 @@ def _out_shape(x_shape, w_shape, dnums, padding):
     return tuple(shape)
 
 
+def _check_operand_dtypes(a, b, what: str) -> None:
+    if a.dtype != b.dtype or a.dtype not in COMPUTE_DTYPES:
+        raise TypeError(f"onednn {what} takes two float32 or two bfloat16 operands, "
+                        f"got {a.dtype} and {b.dtype}")
+
+
 def _abstract_eval(x, w, *rest, dnums, padding, fusions):
-    if x.dtype != jnp.float32 or w.dtype != jnp.float32:
-        raise TypeError(f"onednn convolution is float32 only, got {x.dtype} and {w.dtype}")
+    """float32 out whatever the operands: bfloat16 products accumulate in float32."""
+    _check_operand_dtypes(x, w, "convolution")
     if x.shape[dnums[0][1]] != w.shape[dnums[1][1]]:
         raise ValueError(f"input features {x.shape[dnums[0][1]]} != kernel's {w.shape[dnums[1][1]]}")
-    return jax.core.ShapedArray(_out_shape(x.shape, w.shape, dnums, padding), x.dtype)
+    return jax.core.ShapedArray(_out_shape(x.shape, w.shape, dnums, padding), jnp.float32)
 
 
 def _apply_activation(y, activation):
@@ -125,7 +140,8 @@ def _xla_conv(x, w, *rest, dnums, padding, fusions):
     ndim = len(lhs)
     y = lax.conv_general_dilated(
         x, w, (1,) * (ndim - 2), list(padding),
-        dimension_numbers=lax.ConvDimensionNumbers(lhs, rhs, out))
+        dimension_numbers=lax.ConvDimensionNumbers(lhs, rhs, out),
+        preferred_element_type=jnp.float32)
     if "bias" in fusions:
         shape = [1] * ndim
         shape[out[1]] = -1
@@ -204,7 +220,8 @@ _matmul_p = Primitive("synthseg_onednn_matmul_tn")
 def _matmul_abstract(a, b):
     if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[0]:
         raise ValueError(f"a^T b needs (L, m) and (L, n), got {a.shape} and {b.shape}")
-    return jax.core.ShapedArray((a.shape[1], b.shape[1]), a.dtype)
+    _check_operand_dtypes(a, b, "matmul")
+    return jax.core.ShapedArray((a.shape[1], b.shape[1]), jnp.float32)
 
 
 def _matmul_cpu_lowering(ctx, a, b):
@@ -221,12 +238,13 @@ def _matmul_cpu_lowering(ctx, a, b):
 
 _matmul_p.def_impl(functools.partial(_impl_of, _matmul_p))
 _matmul_p.def_abstract_eval(_matmul_abstract)
-mlir.register_lowering(_matmul_p, mlir.lower_fun(lambda a, b: a.T @ b, multiple_results=False))
+mlir.register_lowering(_matmul_p, mlir.lower_fun(
+    lambda a, b: jnp.matmul(a.T, b, preferred_element_type=jnp.float32), multiple_results=False))
 mlir.register_lowering(_matmul_p, _matmul_cpu_lowering, platform="cpu")
 
 
 def onednn_matmul_tn(a, b):
-    """``a.T @ b`` for a (L, m), b (L, n) through oneDNN's matmul (XLA off CPU)."""
+    """``a.T @ b`` (float32) for a (L, m), b (L, n) through oneDNN's matmul (XLA off CPU)."""
     return _matmul_p.bind(a, b)
 
 
@@ -285,45 +303,81 @@ def _kernel_grad(x, g, kernel_shape, pad):
     return blocks.reshape(kernel_shape)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _onednn_conv3d_same(x, w, b, activation):
-    return onednn_conv(x, w, b, dnums=_FWD, padding=same_padding(w.shape[:3]), activation=activation)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _onednn_conv3d_same(x, w, b, activation, conv_dtype):
+    return onednn_conv(x.astype(conv_dtype), w.astype(conv_dtype), b, dnums=_FWD,
+                       padding=same_padding(w.shape[:3]), activation=activation)
 
 
-def _fwd(x, w, b, activation):
-    y = _onednn_conv3d_same(x, w, b, activation)
-    return y, (x, w, y if activation else None)
+def _fwd(x, w, b, activation, conv_dtype):
+    xc, wc = x.astype(conv_dtype), w.astype(conv_dtype)   # the residuals, at half size in bf16
+    y = onednn_conv(xc, wc, b, dnums=_FWD, padding=same_padding(w.shape[:3]), activation=activation)
+    return y, (xc, wc, y if activation else None)
 
 
-def _bwd(activation, res, g):
-    x, w, y = res
+def _bwd(activation, conv_dtype, res, g):
+    xc, wc, y = res
     if activation:
         g = g * _act_grad_from_output(y, activation)
-    pad = same_padding(w.shape[:3])
-    flipped = jnp.flip(w, axis=(0, 1, 2))
-    dx = onednn_conv(g, flipped, dnums=_BWD_INPUT, padding=tuple((hi, lo) for lo, hi in pad))
-    dw = _kernel_grad(x, g, w.shape, pad)
     db = jnp.sum(g, axis=(0, 1, 2, 3))
-    return dx, dw, db
+    g = g.astype(conv_dtype)
+    pad = same_padding(wc.shape[:3])
+    flipped = jnp.flip(wc, axis=(0, 1, 2))
+    dx = onednn_conv(g, flipped, dnums=_BWD_INPUT, padding=tuple((hi, lo) for lo, hi in pad))
+    dw = _kernel_grad(xc, g, wc.shape, pad)
+    return dx, dw, db   # float32, as the primal x and w
 
 
 _onednn_conv3d_same.defvjp(_fwd, _bwd)
 
 
-def xla_conv3d_same(x, w, b, activation=None):
-    y = lax.conv_general_dilated(x, w, (1, 1, 1), "SAME", dimension_numbers=_KERAS_DNUMS)
+def xla_conv3d_same(x, w, b, activation=None, conv_dtype=jnp.float32):
+    y = lax.conv_general_dilated(x.astype(conv_dtype), w.astype(conv_dtype), (1, 1, 1), "SAME",
+                                 dimension_numbers=_KERAS_DNUMS, preferred_element_type=jnp.float32)
     return _apply_activation(y + b, activation)
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 products in hardware (AVX-512 BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = set(fh.read().split())
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+@functools.lru_cache(maxsize=None)
+def effective_conv_dtype(requested: str | None) -> jnp.dtype:
+    """The dtype convolutions run their products in: ``requested`` ('float32' or 'bfloat16'),
+    except bfloat16 on a CPU without native support (one log line, float32)."""
+    name = str(requested or "float32").strip().lower()
+    if name in ("bf16", "bfloat16"):
+        if jax.default_backend() == "cpu" and not cpu_has_native_bf16():
+            print("[synthseg_jax] this CPU has no native bfloat16 (avx512_bf16/amx_bf16): "
+                  "convolutions run in float32", flush=True)
+            return jnp.dtype(jnp.float32)
+        return jnp.dtype(jnp.bfloat16)
+    if name in ("fp32", "float32"):
+        return jnp.dtype(jnp.float32)
+    raise ValueError(f"convolution dtype must be float32 or bfloat16, got {requested!r}")
+
+
 def conv3d_same(x: jax.Array, w: jax.Array, b: jax.Array, *, backend: str | None = None,
-                activation: str | None = None) -> jax.Array:
+                activation: str | None = None, conv_dtype: str | None = None) -> jax.Array:
     """``act(conv(x, w) + b)`` with 'SAME' padding: x (N, D, H, W, C_in), w (k, k, k, C_in, C_out),
-    b (C_out,). ``backend`` as in :func:`resolve_backend`; ``activation`` None, 'elu' or 'relu'."""
+    b (C_out,), all float32. ``backend`` as in :func:`resolve_backend`; ``activation`` None,
+    'elu' or 'relu'; ``conv_dtype`` 'float32' (default) or 'bfloat16' (mixed precision, see the
+    module docstring); the result is float32."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if resolve_backend(backend) == "onednn" and x.dtype == w.dtype == b.dtype == jnp.float32:
-        return _onednn_conv3d_same(x, w, b, activation)
-    return xla_conv3d_same(x, w, b, activation)
+    dtype = effective_conv_dtype(conv_dtype)
+    if x.dtype != jnp.float32 or w.dtype != jnp.float32 or b.dtype != jnp.float32:
+        raise TypeError(f"conv3d_same takes float32 operands, got {x.dtype}, {w.dtype}, {b.dtype}")
+    if resolve_backend(backend) == "onednn":
+        return _onednn_conv3d_same(x, w, b, activation, dtype)
+    return xla_conv3d_same(x, w, b, activation, dtype)
 
 
 class Conv3D(nn.Module):
@@ -331,13 +385,14 @@ class Conv3D(nn.Module):
 
     Drop-in for ``nn.Conv(features, (k,) * 3, padding='SAME')``: same parameter names, shapes and
     initialisers. ``backend``: 'auto', 'xla', 'onednn' or None (= ``$SYNTHSEG_JAX_CONV``, default
-    'auto'), resolved when the layer is traced.
+    'auto'), resolved when the layer is traced. ``conv_dtype``: 'float32' (None) or 'bfloat16'.
     """
 
     features: int
     kernel_size: int | Sequence[int]
     backend: str | None = None
     activation: str | None = None
+    conv_dtype: str | None = None
     kernel_init: Callable = nn.initializers.glorot_uniform()
     bias_init: Callable = nn.initializers.zeros
 
@@ -353,7 +408,8 @@ class Conv3D(nn.Module):
         batch_shape = x.shape[:-4]
         if len(batch_shape) != 1:  # like nn.Conv: no batch axis, or several, are flattened to one
             x = x.reshape((int(np.prod(batch_shape)),) + x.shape[-4:])
-        y = conv3d_same(x, kernel, bias, backend=self.backend, activation=self.activation)
+        y = conv3d_same(x, kernel, bias, backend=self.backend, activation=self.activation,
+                        conv_dtype=self.conv_dtype)
         if len(batch_shape) != 1:
             y = y.reshape(batch_shape + y.shape[1:])
         return y

@@ -41,6 +41,8 @@ class UNetConfig:
     batch_norm: bool = True
     # Drop the skip connections of the N shallowest decoder levels (the l2l denoiser keeps 2 of 4).
     skip_n_concatenations: int = 0
+    # 'bfloat16': convolution products in bf16, accumulated and returned in float32 (nn/conv.py)
+    conv_dtype: str = "float32"
 
     def level_features(self, level: int) -> int:
         return int(round(self.nb_features * self.feat_mult**level))
@@ -51,9 +53,10 @@ class UNetConfig:
         return 2 ** (self.nb_levels - 1)
 
 
-def conv3d(features: int, size: int, name: str) -> Conv3D:
+def conv3d(features: int, size: int, name: str, conv_dtype: str | None = None) -> Conv3D:
     """A Keras-equivalent ``Conv3D(padding='same')`` with Keras' Glorot-uniform initialisation."""
-    return Conv3D(features, size, name=name)  # nn.Conv's parameters; backend: see nn/conv.py
+    # nn.Conv's parameters; backend and conv_dtype: see nn/conv.py
+    return Conv3D(features, size, name=name, conv_dtype=conv_dtype)
 
 
 def batch_norm(name: str, train: bool) -> nn.BatchNorm:
@@ -106,7 +109,7 @@ class UNet(nn.Module):
         for level in range(cfg.nb_levels):
             for i in range(cfg.nb_conv_per_level):
                 name = f"{cfg.prefix}_conv_downarm_{level}_{i}"
-                x = act(conv3d(cfg.level_features(level), cfg.conv_size, name)(x))
+                x = act(conv3d(cfg.level_features(level), cfg.conv_size, name, cfg.conv_dtype)(x))
             skips.append(x)  # the skip is taken before this level's BatchNorm, as in neurite
             if cfg.batch_norm:
                 x = batch_norm(f"{cfg.prefix}_bn_down_{level}", train)(x)
@@ -120,13 +123,13 @@ class UNet(nn.Module):
                 x = jnp.concatenate([skips[n_up - 1 - level], x], axis=-1)
             for i in range(cfg.nb_conv_per_level):
                 name = f"{cfg.prefix}_conv_uparm_{cfg.nb_levels + level}_{i}"
-                x = act(conv3d(cfg.level_features(n_up - 1 - level), cfg.conv_size, name)(x))
+                x = act(conv3d(cfg.level_features(n_up - 1 - level), cfg.conv_size, name, cfg.conv_dtype)(x))
             if cfg.batch_norm:
                 x = batch_norm(f"{cfg.prefix}_bn_up_{level}", train)(x)
 
         if pad_output:
             x = jnp.pad(x, [(0, 0)] + [(pad_output, pad_output)] * 3 + [(0, 0)])
-        return conv3d(cfg.n_labels, 1, f"{cfg.prefix}_likelihood")(x)
+        return conv3d(cfg.n_labels, 1, f"{cfg.prefix}_likelihood")(x)  # float32 logits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +145,7 @@ class EncoderConfig:
     activation: str = "relu"
     batch_norm: bool = True
     use_residuals: bool = True
+    conv_dtype: str = "float32"
 
     def level_features(self, level: int) -> int:
         return int(round(self.nb_features * self.feat_mult**level))
@@ -162,14 +166,16 @@ class ResidualEncoder(nn.Module):
             features = cfg.level_features(level)
             level_input = x
             for i in range(cfg.nb_conv_per_level):
-                conv = conv3d(features, cfg.conv_size, f"{cfg.prefix}_conv_downarm_{level}_{i}")
+                conv = conv3d(features, cfg.conv_size, f"{cfg.prefix}_conv_downarm_{level}_{i}",
+                              cfg.conv_dtype)
                 last = i == cfg.nb_conv_per_level - 1
                 x = conv(x) if (last and cfg.use_residuals) else act(conv(x))
             if cfg.use_residuals:
                 shortcut = level_input
                 n_in = level_input.shape[-1]
                 if n_in > 1 and features > 1 and n_in != features:
-                    expand = conv3d(features, cfg.conv_size, f"{cfg.prefix}_expand_down_merge_{level}")
+                    expand = conv3d(features, cfg.conv_size, f"{cfg.prefix}_expand_down_merge_{level}",
+                                    cfg.conv_dtype)
                     shortcut = act(expand(level_input))
                 x = act(shortcut + x)
             if cfg.batch_norm:

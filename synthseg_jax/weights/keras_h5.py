@@ -128,10 +128,27 @@ def load_keras_h5(path: str, variables: Mapping[str, Any]) -> dict[str, Any]:
     return loaded
 
 
+def keras_layers(variables: Mapping[str, Any]) -> dict[str, dict[str, np.ndarray]]:
+    """A Flax variables tree as ``{layer: {Keras weight name: array}}``, as :func:`read_keras_h5`
+    returns a file (BatchNorm's weights in Keras' order)."""
+    out = {}
+    for layer, layer_path in keras_layer_paths(variables).items():
+        mapping = _layer_mapping(_get(variables["params"], layer_path))
+        out[layer] = {keras_name: np.asarray(_get(variables[collection], layer_path)[flax_name],
+                                             np.float32)
+                      for keras_name, (collection, flax_name) in mapping.items()}
+    return out
+
+
 def save_keras_h5(variables: Mapping[str, Any], path: str) -> None:
     """Write the layout of Keras 2 ``save_weights`` (HDF5), so ``mri_synthseg`` can load our weights
-    with ``load_weights(by_name=True)``. Written to a temporary name, then renamed."""
-    paths = keras_layer_paths(variables)
+    with ``load_weights(by_name=True)``."""
+    save_keras_layers(keras_layers(variables), path)
+
+
+def save_keras_layers(layers: Mapping[str, Mapping[str, np.ndarray]], path: str) -> None:
+    """Write ``{layer: {Keras weight name: array}}`` in Keras 2's ``save_weights`` layout, to a
+    temporary name, then renamed (a reader never sees half a file)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".h5.tmp", dir=directory)
@@ -140,15 +157,13 @@ def save_keras_h5(variables: Mapping[str, Any], path: str) -> None:
         with h5py.File(tmp, "w") as handle:
             handle.attrs["backend"] = b"tensorflow"
             handle.attrs["keras_version"] = KERAS_VERSION.encode()
-            handle.attrs["layer_names"] = np.array([n.encode() for n in paths])
-            for layer, layer_path in paths.items():
-                mapping = _layer_mapping(_get(variables["params"], layer_path))
+            handle.attrs["layer_names"] = np.array([n.encode() for n in layers])
+            for layer, weights in layers.items():
                 group = handle.create_group(layer)
-                full_names = [f"{layer}/{keras_name}:0" for keras_name in mapping]
+                full_names = [f"{layer}/{keras_name}:0" for keras_name in weights]
                 group.attrs["weight_names"] = np.array([n.encode() for n in full_names])
-                for full_name, (collection, flax_name) in zip(full_names, mapping.values()):
-                    value = np.asarray(_get(variables[collection], layer_path)[flax_name], np.float32)
-                    group.create_dataset(full_name, data=value)
+                for full_name, value in zip(full_names, weights.values()):
+                    group.create_dataset(full_name, data=np.asarray(value, np.float32))
         os.chmod(tmp, 0o644)  # mkstemp makes it private; a weight file is meant to be shared
         os.replace(tmp, path)
     except BaseException:

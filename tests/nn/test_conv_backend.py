@@ -68,6 +68,50 @@ def test_layer_forward_and_gradients_match_xla(k, c_in, c_out, shape, activation
         assert_close(a, e)
 
 
+def conv_and_grads(backend, conv_dtype, activation, x, w, b, probe):
+    def loss(x, w, b):
+        y = conv3d_same(x, w, b, backend=backend, activation=activation, conv_dtype=conv_dtype)
+        return jnp.sum(y * probe), y
+
+    (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(x, w, b)
+    return y, grads
+
+
+@needs_cpu
+@pytest.mark.parametrize("k,c_in,c_out,shape,activation", [c for c in CASES if c[4] != "relu"])
+def test_bfloat16_products_agree_with_float32_to_bf16_rounding(k, c_in, c_out, shape, activation,
+                                                                 monkeypatch):
+    """Both backends' bf16 path: float32 results, within bf16's rounding (2^-8) of float32, and
+    the same as each other; far from it would mean a wrong layout, not rounding."""
+    monkeypatch.setattr(conv_mod, "cpu_has_native_bf16", lambda: True)
+    conv_mod.effective_conv_dtype.cache_clear()
+    x, w, b, probe = random_inputs(k * c_in + c_out, shape, k, c_in, c_out)
+    y32, g32 = conv_and_grads("xla", "float32", activation, x, w, b, probe)
+    for backend in ("xla", "onednn"):
+        y16, g16 = conv_and_grads(backend, "bfloat16", activation, x, w, b, probe)
+        assert y16.dtype == jnp.float32 and all(g.dtype == jnp.float32 for g in g16)
+        assert_close(y16, y32, rtol=2e-2)
+        assert not np.allclose(np.asarray(y16), np.asarray(y32), rtol=0, atol=0)  # really bf16
+        for a, e in zip(g16, g32):   # relative to the whole gradient (a bias's may be ~0)
+            assert np.linalg.norm(a - e) <= 1e-2 * np.linalg.norm(e)
+    conv_mod.effective_conv_dtype.cache_clear()
+
+
+def test_bfloat16_falls_back_to_float32_without_native_support(monkeypatch, capsys):
+    monkeypatch.setattr(conv_mod, "cpu_has_native_bf16", lambda: False)
+    conv_mod.effective_conv_dtype.cache_clear()
+    try:
+        expected = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+        assert conv_mod.effective_conv_dtype("bfloat16") == expected
+        assert conv_mod.effective_conv_dtype("bfloat16") == expected   # logged once
+        if jax.default_backend() == "cpu":
+            assert capsys.readouterr().out.count("no native bfloat16") == 1
+        with pytest.raises(ValueError, match="float32 or bfloat16"):
+            conv_mod.effective_conv_dtype("float16")
+    finally:
+        conv_mod.effective_conv_dtype.cache_clear()
+
+
 @needs_cpu
 def test_onednn_path_really_emits_the_custom_call():
     x, w, b, _ = random_inputs(0, (1, 4, 4, 4), 3, 2, 3)
