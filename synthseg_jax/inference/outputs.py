@@ -19,12 +19,13 @@ CSV layout of the original:
 from __future__ import annotations
 
 import csv
-import io as _io
+import io
 import os
 
 import numpy as np
 
-from synthseg_jax.io import AtomicWriter, RasAlignment
+from synthseg_jax.geometry import RasAlignment
+from synthseg_jax.scans import AtomicWriter
 from synthseg_jax.labels import LabelTables
 
 
@@ -78,7 +79,7 @@ def format_qc(scores: np.ndarray) -> list[str]:
 
 
 def csv_text(rows: list[list[str]]) -> str:
-    buffer = _io.StringIO()
+    buffer = io.StringIO()
     csv.writer(buffer).writerows(rows)
     return buffer.getvalue()
 
@@ -194,6 +195,6 @@ def overlay_png(image: np.ndarray, seg: np.ndarray, affine: np.ndarray, title: s
     if title:
         figure.suptitle(title)
     figure.tight_layout()
-    buffer = _io.BytesIO()
+    buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()

@@ -28,7 +28,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from synthseg_jax.io import (
+from synthseg_jax.scans import (
     AtomicWriter,
     ScanError,
     check_writable,

@@ -32,7 +32,7 @@ import dataclasses
 import numpy as np
 from scipy import ndimage
 
-from synthseg_jax.io import resample_like
+from synthseg_jax.geometry import resample_like
 from synthseg_jax.inference.preprocess import Preprocessed
 from synthseg_jax.labels import LabelTables
 from synthseg_jax.nn.synthseg import CORTEX_LABELS

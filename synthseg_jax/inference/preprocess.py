@@ -13,7 +13,8 @@ import dataclasses
 
 import numpy as np
 
-from synthseg_jax.io import RasAlignment, Scan, needs_resampling, resample_to_voxel_size
+from synthseg_jax.geometry import RasAlignment, needs_resampling, resample_to_voxel_size
+from synthseg_jax.scans import Scan
 
 N_LEVELS = 5            # the published U-Nets pool 4 times; the original pads to 2**5 anyway
 DEFAULT_MIN_PAD = 128

@@ -14,7 +14,7 @@ from synthseg_jax.inference.outputs import qc_columns, volume_columns
 from synthseg_jax.inference.pipeline import Options, Runner, UsageError, plan_outputs, run
 from synthseg_jax.inference.postprocess import postprocess
 from synthseg_jax.inference.preprocess import preprocess
-from synthseg_jax.io import load_scan
+from synthseg_jax.scans import load_scan
 
 FAST = dict(min_pad=32, qc_crop_size=16, progress=False)
 

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from synthseg_jax.io import RasAlignment, Scan
+from synthseg_jax.geometry import RasAlignment
+from synthseg_jax.scans import Scan
 from synthseg_jax.inference.postprocess import (
     assemble_volumes,
     clean_posteriors,

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from synthseg_jax.io import Scan
+from synthseg_jax.scans import Scan
 from synthseg_jax.inference.preprocess import (
     as_three,
     centre_crop_indices,

@@ -9,7 +9,7 @@ parity"): float32 ties flip a few mask voxels, and random weights spread each fl
 Runs on a 160^3 centre crop of the padded MNI input, with the models in .parity/models.
 """
 import jax, jax.numpy as jnp, numpy as np
-from synthseg_jax.io import load_scan
+from synthseg_jax.scans import load_scan
 from synthseg_jax.inference.preprocess import preprocess
 from synthseg_jax.inference.network import Mode, Predictor, load_networks
 from synthseg_jax.nn.synthseg import CORTEX_LABELS, with_cortex_mask

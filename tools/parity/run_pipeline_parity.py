@@ -447,7 +447,7 @@ def diagnose_robust(args, in_path: str, run: str, crop) -> dict:
     import jax.numpy as jnp
     import nibabel as nib
 
-    from synthseg_jax.io import load_scan
+    from synthseg_jax.scans import load_scan
     from synthseg_jax.inference.postprocess import postprocess
     from synthseg_jax.inference.preprocess import preprocess
     from synthseg_jax.nn.unet import UNet

@@ -1,20 +1,15 @@
-import os
+"""RAS alignment and resampling (synthseg_jax/geometry.py)."""
 
-import nibabel as nib
 import numpy as np
 import pytest
 
-from synthseg_jax.io import (
-    AtomicWriter,
+from synthseg_jax.geometry import (
     RasAlignment,
-    ScanError,
-    load_scan,
     needs_resampling,
     ras_axes,
     resample_grid,
     resample_like,
     resample_to_voxel_size,
-    save_image,
 )
 
 
@@ -122,89 +117,3 @@ def test_resample_like_identity_and_nearest():
     # onto a 2 mm grid whose voxel centres coincide with even 1 mm voxels
     target = np.diag([2.0, 2.0, 2.0, 1.0])
     np.testing.assert_array_equal(resample_like(seg, aff, (3, 3, 3), target, order=0), seg[::2, ::2, ::2])
-
-
-@pytest.mark.parametrize("ext", [".nii.gz", ".nii", ".mgz"])
-def test_save_and_load_round_trip(tmp_path, ext):
-    rng = np.random.default_rng(0)
-    data = rng.integers(0, 60, (5, 6, 7)).astype(np.int32)
-    aff = permuted_affine(rng, zooms=(1.0, 1.0, 1.0), tilt=0.0)
-    path = str(tmp_path / "sub" / f"seg{ext}")
-    save_image(data, aff, None, path, dtype=np.int32)
-    img = nib.load(path)
-    np.testing.assert_array_equal(np.asarray(img.dataobj), data)
-    assert img.get_data_dtype().newbyteorder("=") == np.int32
-    np.testing.assert_allclose(img.affine, aff, atol=1e-5)
-    assert os.listdir(tmp_path / "sub") == [f"seg{ext}"]  # no temporary left behind
-
-
-def test_scaled_input_header_does_not_scale_outputs(tmp_path):
-    data = np.arange(24, dtype=np.int16).reshape(2, 3, 4) + 1
-    img = nib.Nifti1Image(data, np.eye(4))
-    img.header.set_slope_inter(2.0, 5.0)
-    src = str(tmp_path / "in.nii.gz")
-    nib.save(img, src)
-    header = nib.load(src).header
-    out = str(tmp_path / "out.nii.gz")
-    save_image(data.astype(np.int32), np.eye(4), header, out, dtype=np.int32)
-    np.testing.assert_array_equal(nib.load(out).get_fdata(), data)
-
-
-def test_atomic_writer_discards_on_error(tmp_path):
-    with pytest.raises(RuntimeError):
-        with AtomicWriter() as writer:
-            writer.text("a", str(tmp_path / "a.csv"))
-            writer.image(np.zeros((2, 2, 2)), np.eye(4), None, str(tmp_path / "b.nii.gz"), np.float32)
-            raise RuntimeError("boom")
-    assert os.listdir(tmp_path) == []
-
-
-def write_nifti(path, data, aff=None):
-    nib.save(nib.Nifti1Image(np.asarray(data), np.eye(4) if aff is None else aff), str(path))
-    return str(path)
-
-
-def test_load_scan_squeezes_and_keeps_first_channel(tmp_path):
-    rng = np.random.default_rng(0)
-    data = rng.normal(size=(6, 7, 8, 1))
-    scan = load_scan(write_nifti(tmp_path / "a.nii.gz", data))
-    assert scan.data.shape == (6, 7, 8) and scan.n_channels == 1
-    data = rng.normal(size=(6, 7, 8, 3))
-    scan = load_scan(write_nifti(tmp_path / "b.nii.gz", data))
-    assert scan.n_channels == 3
-    np.testing.assert_allclose(scan.data, data[..., 0])
-
-
-@pytest.mark.parametrize("shape,match", [
-    ((6, 7), "2 dimension"),
-    ((6, 7, 1), "2 dimension"),
-    ((6, 7, 8, 2, 3), "5 dimensions"),
-    ((6, 7, 8, 12), "4 dimensions"),
-])
-def test_load_scan_rejects_wrong_dimensions(tmp_path, shape, match):
-    path = write_nifti(tmp_path / "x.nii.gz", np.random.default_rng(0).normal(size=shape))
-    with pytest.raises(ScanError, match=match) as info:
-        load_scan(path)
-    assert path in str(info.value) and "\n" not in str(info.value)
-
-
-def test_load_scan_rejects_bad_values_and_files(tmp_path):
-    data = np.random.default_rng(0).normal(size=(6, 7, 8)).astype(np.float32)
-    data[1, 2, 3] = np.nan
-    with pytest.raises(ScanError, match="NaN"):
-        load_scan(write_nifti(tmp_path / "nan.nii.gz", data))
-    with pytest.raises(ScanError, match="all zero"):
-        load_scan(write_nifti(tmp_path / "zero.nii.gz", np.zeros((6, 7, 8), np.float32)))
-    with pytest.raises(ScanError, match="file not found"):
-        load_scan(str(tmp_path / "missing.nii.gz"))
-    corrupt = tmp_path / "corrupt.nii.gz"
-    corrupt.write_bytes(b"this is not a nifti file at all" * 20)
-    with pytest.raises(ScanError, match="cannot read image"):
-        load_scan(str(corrupt))
-    good = write_nifti(tmp_path / "trunc.nii", np.ones((30, 30, 30), np.float32) * np.arange(30))
-    with open(good, "r+b") as handle:
-        handle.truncate(2000)
-    with pytest.raises(ScanError, match="cannot read image"):
-        load_scan(good)
-    with pytest.raises(ScanError, match="unsupported file type"):
-        load_scan(str(tmp_path / "scan.img"))
