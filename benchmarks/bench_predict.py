@@ -56,7 +56,9 @@ def load() -> str:
 
 def inner(args: argparse.Namespace) -> None:
     """Runs in the child process: one mode, ``--scans`` scans, JSON on the last stdout line."""
-    from synthseg_jax.inference.pipeline import Options, Runner, configure_runtime, setup_logging
+    from synthseg_jax.inference.options import PredictOptions
+    from synthseg_jax.inference.pipeline import Runner
+    from synthseg_jax.inference.runtime import configure_runtime, setup_logging
 
     configure_runtime(args.threads, "cpu")
     setup_logging()
@@ -76,7 +78,7 @@ def inner(args: argparse.Namespace) -> None:
             handle.write("\n".join(os.path.join(work, f"qc{n}.csv") for n in range(args.scans)) + "\n")
         flags["qc"] = os.path.join(work, "qc.txt")
     start = time.perf_counter()
-    runner = Runner(Options(i=os.path.join(work, "in.txt"), o=os.path.join(work, "out.txt"),
+    runner = Runner(PredictOptions.create(i=os.path.join(work, "in.txt"), o=os.path.join(work, "out.txt"),
                             models_dir=args.models, crop=args.crop, progress=False, **flags),
                     stdout=sys.stderr)
     setup = time.perf_counter() - start

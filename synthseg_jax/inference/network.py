@@ -29,16 +29,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from synthseg_jax.inference.postprocess import (
-    BRAIN_THRESHOLD,
-    CLASS_THRESHOLD,
-    FAST_THRESHOLD,
+    channel_groups,
+    clean_and_label,
+    cleanup_masks,
     keep_masks,
     original_sums,
     topology_groups,
 )
 from synthseg_jax.labels import LabelTableError, LabelTables
 from synthseg_jax.nn.synthseg import (
-    CORTEX_LABELS,
     QC_CROP_SIZE,
     crop_around_labels,
     parcellation_input,
@@ -238,11 +237,6 @@ def qc_one_hot(seg_index: jax.Array, qc_class: jax.Array, n_qc: int, size: int) 
     return jax.nn.one_hot(qc_class[cropped], n_qc, dtype=jnp.float32)
 
 
-def _renormalise(post: jax.Array) -> jax.Array:
-    total = jnp.sum(post, axis=-1, keepdims=True)
-    return jnp.where(total > 0, post / jnp.where(total > 0, total, 1), post)
-
-
 @dataclasses.dataclass
 class PaddedResult:
     """``Predictor.predict``'s results, still on the padded RAS grid (host arrays)."""
@@ -278,10 +272,7 @@ class Predictor:
         self._parc_labels = jnp.asarray(tables.parcellation, dtype=jnp.int32)
         # cleaned topological classes: their channels (static), and each channel's class (0: none)
         self._groups = [tuple(int(c) for c in g) for g in topology_groups(tables.topology_classes)]
-        self._channel_group = [0] * tables.n_labels
-        for k, channels in enumerate(self._groups):
-            for c in channels:
-                self._channel_group[c] = k + 1
+        self._channel_group = channel_groups(self._groups, tables.n_labels)
         self._variables = jax.device_put(networks.variables)
         self._compiled: dict[tuple[int, ...], Any] = {}
         self._compiled_finish: dict[tuple[int, ...], Any] = {}
@@ -327,15 +318,8 @@ class Predictor:
             parc_in = blurred
             qc_in = raw if mode.parc else blurred
 
-        out = {"seg": seg_out[0]}
-        # masks for the host's connected components (the rest of post-processing is _finish)
-        out["brain"] = jnp.sum(seg_out[0, ..., 1:], axis=-1) > BRAIN_THRESHOLD
-        if not mode.is_fast:
-            # one pass over the posteriors (channels last), then one transpose so that each
-            # class's mask is contiguous for the host
-            above = seg_out[0] > CLASS_THRESHOLD
-            per_class = jnp.stack([jnp.any(above[..., list(g)], axis=-1) for g in self._groups], -1)
-            out["classes"] = jnp.transpose(per_class, (3, 0, 1, 2))
+        # with the masks of post-processing's connected components (the rest is _finish)
+        out = {"seg": seg_out[0], **cleanup_masks(seg_out[0], self._groups, mode.is_fast)}
         if mode.parc:
             parc_x = parcellation_input(x, jnp.argmax(parc_in, axis=-1), self._labels)
             unet = lambda z, **kw: nets.parc.apply(variables["parc"], z, **kw)
@@ -348,27 +332,9 @@ class Predictor:
 
     def _finish(self, post: jax.Array, brain_keep: jax.Array, class_keep: jax.Array | None,
                 parc: jax.Array | None) -> dict[str, jax.Array]:
-        """Post-processing on the padded grid once the connected components are known: zero what
-        lies outside them (or below 0.2 in fast mode), renormalise, argmax -> labels,
-        parcellation in the cortex (its posteriors renormalised as the original keeps them for
-        the volumes)."""
-        post = post.at[..., 1:].multiply(brain_keep[..., None].astype(post.dtype))
-        if class_keep is None:
-            post = post.at[..., 1:].multiply((post[..., 1:] > FAST_THRESHOLD).astype(post.dtype))
-        else:
-            ones = jnp.ones(post.shape[:-1], dtype=jnp.bool_)
-            factor = jnp.stack([class_keep[g - 1] if g else ones for g in self._channel_group], -1)
-            post = post * factor.astype(post.dtype)
-        post = _renormalise(post)
-        seg = self._labels[jnp.argmax(post, axis=-1)]
-        out = {"posteriors": post}
-        if parc is not None:
-            cortex = jnp.isin(seg, jnp.asarray(CORTEX_LABELS))
-            parc = _renormalise(parc.at[..., 0].set((~cortex).astype(parc.dtype)))
-            seg = jnp.where(cortex, self._parc_labels[jnp.argmax(parc, axis=-1)], seg)
-            out["parc"] = parc
-        out["seg"] = seg.astype(jnp.int32)
-        return out
+        """Post-processing on the device once the connected components are known."""
+        return clean_and_label(post, brain_keep, class_keep, parc, self._channel_group,
+                               self._labels, self._parc_labels)
 
     # Compilation cache -----------------------------------------------------------------------
     def compiled(self, shape: tuple[int, ...]):

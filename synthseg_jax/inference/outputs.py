@@ -1,200 +1,130 @@
-"""What is written besides the images: the volumes and QC CSV files (in ``mri_synthseg``'s layout)
-and an overlay PNG of three orthogonal slices in FreeSurfer's colours.
+"""Everything a run can write, as one table: ``OUTPUT_KINDS``.
 
-CSV layout of the original:
+Each entry is one output kind; the options (``options.PredictOptions``), the planning of paths
+(``planning.plan_outputs``), the writing (``pipeline.Runner``) and both command lines read it, so a
+new output is one entry here and its key, with its comment, in ``configs/predict.yaml``.
 
-* one file for all scans (a file or folder input): first row ``subject`` + column names, then one
-  row per scan, appended as scans finish;
-* one file per scan (a ``.txt`` list input): first row ``""`` + column names, second row the scan;
-* column names: the structure names in increasing label order, background left out; for 2.0 the
-  extra ``total intracranial`` column comes first; with ``parc`` the parcellation names follow;
-  QC columns are the QC class names (first occurrence per class, background class left out);
-* the subject is the file's base name with a trailing ``.nii.gz`` removed (other extensions
-  stay, as in the original); volumes are written as numpy 1.23 prints the value rounded to 3
-  decimals (float32 when the original sums float32 posteriors: ``format_volumes``), QC scores
-  clipped to [0, 1] with 4 decimals;
-* rows end with ``\\r\\n`` (the csv module's default dialect, which the original uses).
+Two scopes:
+
+* ``scan``: one file per scan (segmentation, posteriors, resampled image, overlay); given a folder,
+  each scan's file is named after it (``folder_name``); ``render`` makes the file's content from a
+  ``ScanResult`` (None: nothing to write for this scan, ``skipped_note`` says why);
+* ``table``: one row per scan (volumes, QC scores): one file for all scans when ``i`` is an image
+  or a folder, one file per scan when ``i`` is a ``.txt`` list; ``columns`` and ``row`` give its
+  content. A per-subject table or a cohort report is another entry of this scope.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import os
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Literal
 
 import numpy as np
 
-from synthseg_jax.geometry import RasAlignment
-from synthseg_jax.scans import AtomicWriter
+from synthseg_jax.inference.csv_files import qc_columns, volume_columns
 from synthseg_jax.labels import LabelTables
+from synthseg_jax.scans import IMAGE_EXTENSIONS, AtomicWriter
 
 
-def _sorted_header(labels: np.ndarray, names: np.ndarray, last_first: bool) -> list[str]:
-    """Names in increasing label order (first occurrence of each label), the first dropped;
-    with ``last_first`` the last name moves to the front."""
-    _, first = np.unique(np.asarray(labels), return_index=True)
-    header = [str(n) for n in np.asarray(names)[first]][1:]
-    if last_first:
-        header = [header[-1]] + header[:-1]
-    return header
+@dataclasses.dataclass(frozen=True)
+class FileForm:
+    """Which file names an output kind accepts."""
+
+    description: str                       # for messages: ".nii, .nii.gz or .mgz"
+    extensions: tuple[str, ...]            # the first is added to a table's name that lacks one
+    strict: bool                           # refuse a listed path with another extension
+
+    def matches(self, path: str) -> bool:
+        return path.lower().endswith(self.extensions)
 
 
-def volume_columns(tables: LabelTables, parc: bool) -> list[str]:
-    """Column names of the volumes CSV (without the subject column)."""
-    labels = np.asarray(tables.segmentation)
-    names = np.asarray(tables.names)
-    if parc:
-        labels = np.concatenate([labels, np.asarray(tables.parcellation)[1:]])
-        names = np.concatenate([names, np.asarray(tables.parcellation_names)[1:]])
-    v1 = tables.version == "1.0"
-    if not v1:
-        labels = np.concatenate([labels, [labels.max() + 1]])
-        names = np.concatenate([names, ["total intracranial"]])
-    return _sorted_header(labels, names, last_first=not v1)
+IMAGE = FileForm(".nii, .nii.gz or .mgz", IMAGE_EXTENSIONS, strict=True)
+PNG = FileForm(".png", (".png",), strict=False)
+CSV = FileForm(".csv", (".csv",), strict=False)
 
 
-def qc_columns(tables: LabelTables) -> list[str]:
-    """Column names of the QC CSV (without the subject column)."""
-    return _sorted_header(tables.qc_class, tables.qc_names, last_first=False)
+@dataclasses.dataclass(frozen=True)
+class ImageContent:
+    """An image to write: voxels, the grid's affine, the input's header, the file's dtype."""
+
+    data: np.ndarray
+    affine: np.ndarray
+    header: Any
+    dtype: type
 
 
-def subject_name(path: str) -> str:
-    return os.path.basename(path).replace(".nii.gz", "")
+Content = ImageContent | bytes
 
 
-def format_volumes(volumes: np.ndarray) -> list[str]:
-    """Volumes as the original writes them (``str`` of numpy 1.23 scalars, rounded to 3 decimals):
-    float64 as Python prints it; float32 with the shortest digits that identify the float32
-    value, always positional (``6826766.0``; numpy 2 would print ``6.826766e+06``)."""
-    volumes = np.asarray(volumes)
-    if volumes.dtype == np.float32:
-        return [np.format_float_positional(v, unique=True, trim="0") for v in np.around(volumes, 3)]
-    return [str(float(v)) for v in np.round(volumes.astype(np.float64), 3)]
+@dataclasses.dataclass
+class ScanResult:
+    """What one scan's outputs are made from, on the grid they are written on."""
+
+    subject: str
+    header: Any
+    seg: np.ndarray                       # int32 labels
+    affine: np.ndarray                    # the grid of ``seg`` and ``posteriors``
+    posteriors: np.ndarray | None         # float32 (X, Y, Z, C), computed only if a kind needs it
+    resampled: np.ndarray | None          # the 1 mm image, if the scan was resampled
+    resampled_affine: np.ndarray
+    image: np.ndarray                     # the scan on the grid of ``seg`` (for the overlay)
+    volumes: list[str]                    # the volumes row, formatted as the original's CSV
+    qc_scores: list[str] | None           # the QC row (QC mode only)
 
 
-def format_qc(scores: np.ndarray) -> list[str]:
-    """The network's QC scores without the background class, clipped to [0, 1], 4 decimals."""
-    scores = np.round(np.clip(np.asarray(scores, dtype=np.float64).ravel()[1:], 0, 1), 4)
-    return ["%.4f" % q for q in scores]
+@dataclasses.dataclass(frozen=True)
+class OutputKind:
+    """One thing a run can write; ``key`` is its option name (Hydra key and ``--flag``)."""
+
+    key: str
+    help: str
+    form: FileForm
+    scope: Literal["scan", "table"]
+    folder_name: str = ""                 # scan scope: "{stem}" and "{ext}" of the input
+    render: Callable[[ScanResult], Content | None] | None = None
+    skipped_note: str = ""                # said when ``render`` gives nothing
+    needs_posteriors: bool = False
+    columns: Callable[[LabelTables, bool], list[str]] | None = None   # table scope (tables, parc)
+    row: Callable[[ScanResult], list[str] | None] | None = None       # None: no row for this scan
+    what: str = ""                        # table scope: how the summary names the file
 
 
-def csv_text(rows: list[list[str]]) -> str:
-    buffer = io.StringIO()
-    csv.writer(buffer).writerows(rows)
-    return buffer.getvalue()
+def write_content(writer: AtomicWriter, content: Content, path: str) -> None:
+    if isinstance(content, ImageContent):
+        writer.image(content.data, content.affine, content.header, path, content.dtype)
+    else:
+        writer.bytes(content, path)
 
 
-class CsvTable:
-    """A CSV file shared by all scans: written with its header at the start, then rewritten
-    (atomically) with each new row, which leaves the same bytes as the original's appends."""
+def _overlay(result: ScanResult) -> bytes:
+    from synthseg_jax.inference.overlay import overlay_png
 
-    def __init__(self, path: str, columns: list[str]) -> None:
-        self.path = path
-        self.rows: list[list[str]] = [["subject"] + list(columns)]
-
-    def write(self) -> None:
-        with AtomicWriter() as writer:
-            writer.text(csv_text(self.rows), self.path)
-            writer.commit()
-
-    def pending(self, row: list[str]) -> str:
-        """The file's text once ``row`` is added (the row is kept by ``add``)."""
-        return csv_text(self.rows + [row])
-
-    def add(self, row: list[str]) -> None:
-        self.rows.append(row)
+    return overlay_png(result.image, result.seg, result.affine, title=result.subject)
 
 
-def single_scan_csv(columns: list[str], row: list[str]) -> str:
-    """Text of a per-scan CSV (``.txt`` list inputs)."""
-    return csv_text([[""] + list(columns), row])
+def _resampled(result: ScanResult) -> ImageContent | None:
+    if result.resampled is None:
+        return None
+    return ImageContent(result.resampled, result.resampled_affine, result.header, np.float32)
 
 
-# ------------------------------------------------------------------------------------------------
-# FreeSurfer colours (FreeSurferColorLUT.txt) for every label SynthSeg can output
-# ------------------------------------------------------------------------------------------------
-
-_ASEG_COLOURS = {
-    0: (0, 0, 0), 2: (245, 245, 245), 3: (205, 62, 78), 4: (120, 18, 134), 5: (196, 58, 250),
-    7: (220, 248, 164), 8: (230, 148, 34), 10: (0, 118, 14), 11: (122, 186, 220),
-    12: (236, 13, 176), 13: (12, 48, 255), 14: (204, 182, 142), 15: (42, 204, 164),
-    16: (119, 159, 176), 17: (220, 216, 20), 18: (103, 255, 255), 24: (60, 60, 60),
-    26: (255, 165, 0), 28: (165, 42, 42), 41: (245, 245, 245), 42: (205, 62, 78),
-    43: (120, 18, 134), 44: (196, 58, 250), 46: (220, 248, 164), 47: (230, 148, 34),
-    49: (0, 118, 14), 50: (122, 186, 220), 51: (236, 13, 176), 52: (13, 48, 255),
-    53: (220, 216, 20), 54: (103, 255, 255), 58: (255, 165, 0), 60: (165, 42, 42),
-}
-# ctx-lh-* are 1000 + i, ctx-rh-* 2000 + i, with the same colour for both hemispheres.
-_CORTEX_COLOURS = [
-    (25, 5, 25), (25, 100, 40), (125, 100, 160), (100, 25, 0), (120, 70, 50), (220, 20, 100),
-    (220, 20, 10), (180, 220, 140), (220, 60, 220), (180, 40, 120), (140, 20, 140), (20, 30, 140),
-    (35, 75, 50), (225, 140, 140), (200, 35, 75), (160, 100, 50), (20, 220, 60), (60, 220, 60),
-    (220, 180, 140), (20, 100, 50), (220, 60, 20), (120, 100, 60), (220, 20, 20), (220, 180, 220),
-    (60, 20, 220), (160, 140, 180), (80, 20, 140), (75, 50, 125), (20, 220, 160), (20, 180, 140),
-    (140, 220, 220), (80, 160, 20), (100, 0, 100), (70, 70, 70), (150, 150, 200), (255, 192, 32),
+_KINDS = [
+    OutputKind("o", "Segmentation output(s), of the same kind as --i.", IMAGE, "scan",
+               folder_name="{stem}_synthseg{ext}",
+               render=lambda r: ImageContent(r.seg, r.affine, r.header, np.int32)),
+    OutputKind("post", "(optional) Posteriors output(s), of the same kind as --i.", IMAGE, "scan",
+               folder_name="{stem}_posteriors{ext}", needs_posteriors=True,
+               render=lambda r: ImageContent(r.posteriors, r.affine, r.header, np.float32)),
+    OutputKind("resample", "(optional) Resampled image(s), of the same kind as --i.", IMAGE, "scan",
+               folder_name="{stem}_resampled{ext}", render=_resampled,
+               skipped_note="already at 1 mm, no resampled image written"),
+    OutputKind("overlay", "(optional) PNG(s) with three orthogonal slices of the segmentation.",
+               PNG, "scan", folder_name="{stem}_overlay.png", render=_overlay),
+    OutputKind("vol", "(optional) CSV file with the volumes of all structures and subjects.", CSV,
+               "table", columns=volume_columns, row=lambda r: r.volumes, what="volumes"),
+    OutputKind("qc", "(optional) CSV file with the QC scores of all subjects.", CSV, "table",
+               columns=lambda tables, parc: qc_columns(tables), row=lambda r: r.qc_scores,
+               what="QC scores"),
 ]
-
-
-def freesurfer_colour(label: int) -> tuple[int, int, int]:
-    label = int(label)
-    if label in _ASEG_COLOURS:
-        return _ASEG_COLOURS[label]
-    if 1000 <= label < 1000 + len(_CORTEX_COLOURS):
-        return _CORTEX_COLOURS[label - 1000]
-    if 2000 <= label < 2000 + len(_CORTEX_COLOURS):
-        return _CORTEX_COLOURS[label - 2000]
-    # Not in the table: a stable pseudo-random colour.
-    rng = np.random.default_rng(label)
-    return tuple(int(c) for c in rng.integers(40, 256, 3))
-
-
-def colourise(seg: np.ndarray) -> np.ndarray:
-    """(..., 3) uint8 RGB of a label map."""
-    values, inverse = np.unique(seg, return_inverse=True)
-    lut = np.array([freesurfer_colour(v) for v in values], dtype=np.uint8)
-    return lut[inverse.reshape(seg.shape)]
-
-
-def overlay_png(image: np.ndarray, seg: np.ndarray, affine: np.ndarray, title: str = "",
-                alpha: float = 0.45) -> bytes:
-    """PNG bytes: sagittal, coronal and axial slices through the segmentation's centre, the scan
-    in grey under the labels in FreeSurfer colours. ``image`` and ``seg`` share ``affine``."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    alignment = RasAlignment.from_affine(affine)
-    image = np.asarray(alignment.to_ras(image), dtype=np.float64)
-    seg = alignment.to_ras(seg)
-    zooms = np.sqrt(np.sum(alignment.ras_affine(affine, seg.shape)[:3, :3] ** 2, axis=0))
-    brain = np.argwhere(seg > 0)
-    centre = (brain.mean(axis=0) if len(brain) else np.array(seg.shape) / 2).astype(int)
-
-    low, high = np.percentile(image, [0.5, 99.5])
-    grey = np.clip((image - low) / (high - low if high > low else 1.0), 0, 1)
-    colours = colourise(seg).astype(np.float64) / 255
-    labelled = (seg > 0)[..., None]
-    rgb = np.where(labelled, (1 - alpha) * grey[..., None] + alpha * colours, grey[..., None])
-
-    views = [  # (slice, display axes (horizontal, vertical) in RAS, name)
-        (np.s_[centre[0], :, :], (1, 2), "sagittal"),
-        (np.s_[:, centre[1], :], (0, 2), "coronal"),
-        (np.s_[:, :, centre[2]], (0, 1), "axial"),
-    ]
-    figure = Figure(figsize=(12, 4.4), dpi=100)
-    FigureCanvasAgg(figure)
-    for i, (index, (h_axis, v_axis), name) in enumerate(views):
-        ax = figure.add_subplot(1, 3, i + 1)
-        plane = np.transpose(rgb[index], (1, 0, 2))  # rows = vertical axis
-        ax.imshow(plane, origin="lower", interpolation="nearest",
-                  aspect=zooms[v_axis] / zooms[h_axis])
-        ax.set_title(name)
-        ax.axis("off")
-    if title:
-        figure.suptitle(title)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
+OUTPUT_KINDS: dict[str, OutputKind] = {kind.key: kind for kind in _KINDS}

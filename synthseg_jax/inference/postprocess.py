@@ -1,46 +1,87 @@
-"""From the network's posteriors to the segmentation, posteriors and volumes written to disk.
+"""Post-processing, the stage after the network: from the posteriors on the padded grid to the
+segmentation, posteriors and volumes on the scan's grid, as ``mri_synthseg``'s ``postprocess``.
 
-What ``mri_synthseg``'s ``postprocess`` does, in its order:
+In the pipeline's order (``network.Predictor.predict`` runs steps 1-4, ``pipeline.Runner`` step 5):
 
-1. keep the largest connected component of (sum of non-background posteriors > 0.25) and zero the
-   non-background posteriors elsewhere;
-2. default mode: per topological class (all but the first), keep the largest connected component
-   of (any posterior of the class > 0.25), zero the class's posteriors elsewhere; this runs on the
-   padded volume, then the padding is removed. Fast/robust mode: remove the padding first, and
-   zero non-background posteriors <= 0.2 instead;
-3. renormalise the posteriors to sum to one; argmax -> labels;
-4. parcellation: inside the cortex (labels 3 and 42) the parcellation's argmax replaces the label;
-5. paste the crop back (background posterior 1 around it), undo the RAS alignment;
-6. volumes = sum of posteriors x voxel volume, "total intracranial" first (2.0), parcellation
-   volumes rescaled (see ``assemble_volumes``), rounded to 3 decimals. The sums are numpy
-   reductions in float32 that carry rounding errors of up to ~1 % on a whole brain; the CSV
-   must match the original's, so they are reproduced as such (``original_sums``).
+1. on the device, the masks whose connected components decide what is kept (``cleanup_masks``):
+   the brain (sum of non-background posteriors > 0.25) and, unless fast, one mask per
+   topological class but the first (any posterior of the class > 0.25);
+2. on the host, their largest 6-connected components (``keep_masks``: scipy, each class labelled
+   inside its bounding box, which gives the components of the whole volume at a fraction of the
+   cost); in fast/robust mode the brain's is taken inside the unpadded region, as the original
+   crops first there;
+3. on the device (``clean_and_label``): zero what lies outside the kept components (fast: also
+   non-background posteriors <= 0.2), renormalise, argmax -> labels; with the parcellation, cortex
+   voxels (labels 3 and 42) take the parcellation's label;
+4. on the host, the volumes: sums of the posteriors as the original accumulates them
+   (``original_sums``: float32 voxel after voxel, rounding errors of up to ~1 % that the CSV must
+   reproduce), then the original's arithmetic (``assemble_volumes``);
+5. on the host, the geometry back: remove the padding, paste the crop back, undo the RAS alignment
+   (``to_scan_grid``), and with ``keepgeom`` resample onto the input's own grid (``to_input_grid``).
 
-Two forms: ``postprocess`` does it all in numpy (the reference, a plain transcription); the
-pipeline runs the numerics in JAX (``network.Predictor.predict``) and only the connected
-components and the volumes' sums here on the host (scipy, ``keep_masks``; numpy,
-``original_sums``), each class labelled inside its bounding box,
-which gives the same components as labelling the whole volume. Measured on a 224x256x224 padded
-volume with 33 channels (loaded 2-core machine): the numpy form took ~34 s, almost all of it in
-channel-strided array arithmetic; the connected components themselves ~1 s.
+A step-by-step numpy transcription of the original's ``postprocess`` is the reference these are
+tested against: ``tools/parity/reference_postprocess.py``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
+import jax
+import jax.numpy as jnp
 import numpy as np
 from scipy import ndimage
 
 from synthseg_jax.geometry import resample_like
 from synthseg_jax.inference.preprocess import Preprocessed
-from synthseg_jax.labels import LabelTables
 from synthseg_jax.nn.synthseg import CORTEX_LABELS
 
 BRAIN_THRESHOLD = 0.25
 CLASS_THRESHOLD = 0.25
 FAST_THRESHOLD = 0.2
 
+
+def crop_to(volume: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """The window ``idx`` = [x0, y0, z0, x1, y1, z1] of a (X, Y, Z, ...) volume."""
+    return volume[idx[0]:idx[3], idx[1]:idx[4], idx[2]:idx[5]]
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. Masks (device)
+# ------------------------------------------------------------------------------------------------
+
+def topology_groups(topology_classes: np.ndarray) -> list[np.ndarray]:
+    """The channels of each cleaned topological class (every class but the first)."""
+    topology_classes = np.asarray(topology_classes)
+    classes = np.unique(topology_classes)
+    if topology_classes[0] != classes[0]:
+        raise ValueError("the background's topological class must be the first (smallest) one")
+    return [np.flatnonzero(topology_classes == c) for c in classes[1:]]
+
+
+def channel_groups(groups: list[tuple[int, ...]], n_channels: int) -> list[int]:
+    """Each channel's cleaned class (1-based index into ``groups``; 0: not cleaned)."""
+    channel_group = [0] * n_channels
+    for k, channels in enumerate(groups):
+        for c in channels:
+            channel_group[c] = k + 1
+    return channel_group
+
+
+def cleanup_masks(post: jax.Array, groups: list[tuple[int, ...]], fast: bool) -> dict[str, jax.Array]:
+    """Step 1 on the (X, Y, Z, C) posteriors: ``brain`` (X, Y, Z) and, unless fast, ``classes``
+    (K, X, Y, Z), one per group of ``groups`` (static channel tuples)."""
+    masks = {"brain": jnp.sum(post[..., 1:], axis=-1) > BRAIN_THRESHOLD}
+    if not fast:
+        # one pass over the posteriors (channels last), then one transpose so that each
+        # class's mask is contiguous for the host
+        above = post > CLASS_THRESHOLD
+        per_class = jnp.stack([jnp.any(above[..., list(g)], axis=-1) for g in groups], -1)
+        masks["classes"] = jnp.transpose(per_class, (3, 0, 1, 2))
+    return masks
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Connected components (host)
+# ------------------------------------------------------------------------------------------------
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
     """The largest 6-connected component of a boolean mask (ties: the first in scan order).
@@ -79,71 +120,68 @@ def largest_component_fast(mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def _crop(volume: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    return volume[idx[0]:idx[3], idx[1]:idx[4], idx[2]:idx[5]]
+def keep_masks(brain: np.ndarray, class_masks: np.ndarray | None, pad_idx: np.ndarray,
+               fast: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Connected components of the padded masks computed on the device.
 
-
-def clean_posteriors(posteriors: np.ndarray, pad_idx: np.ndarray, topology_classes: np.ndarray,
-                     fast: bool) -> np.ndarray:
-    """Steps 1-3 (before argmax): connected components, thresholds, padding removal, renormalising.
-
-    ``posteriors`` is the padded (X, Y, Z, C) network output; a new float32 array is returned.
+    ``brain``: (sum of non-background posteriors > 0.25); ``class_masks`` (K, X, Y, Z): per cleaned
+    class, any non-background posterior of the class > 0.25 (before the brain mask is applied).
+    Returns the brain's largest component (found inside the unpadded region in fast mode, where
+    the original crops first) and, unless fast, each class's largest component within it.
     """
-    post = np.array(posteriors, dtype=np.float32, copy=True)
     if fast:
-        post = np.ascontiguousarray(_crop(post, pad_idx))
+        keep = np.zeros_like(brain)
+        idx = pad_idx
+        keep[idx[0]:idx[3], idx[1]:idx[4], idx[2]:idx[5]] = largest_component_fast(crop_to(brain, idx))
+        return keep, None
+    brain_keep = largest_component_fast(brain)
+    class_keep = np.zeros_like(class_masks)
+    for k, mask in enumerate(class_masks):
+        box = bounding_box(mask)
+        if box is None:
+            continue
+        class_keep[k][box] = largest_component(mask[box] & brain_keep[box])
+    return brain_keep, class_keep
 
-    brain = largest_component(post[..., 1:].sum(axis=-1) > BRAIN_THRESHOLD)
-    post[..., 1:] *= brain[..., None]
 
-    if not fast:
-        # Classes partition the channels, so each class's mask can be taken when it is reached.
-        for topology_class in np.unique(topology_classes)[1:]:
-            channels = np.flatnonzero(topology_classes == topology_class)
-            mask = np.any(post[..., channels] > CLASS_THRESHOLD, axis=-1)
-            keep = largest_component_fast(mask)
-            post[..., channels] *= keep[..., None]
-        post = np.ascontiguousarray(_crop(post, pad_idx))
+# ------------------------------------------------------------------------------------------------
+# 3. Clean-up, labels, parcellation (device)
+# ------------------------------------------------------------------------------------------------
+
+def _renormalise(post: jax.Array) -> jax.Array:
+    total = jnp.sum(post, axis=-1, keepdims=True)
+    return jnp.where(total > 0, post / jnp.where(total > 0, total, 1), post)
+
+
+def clean_and_label(post: jax.Array, brain_keep: jax.Array, class_keep: jax.Array | None,
+                    parc: jax.Array | None, channel_group: list[int], labels: jax.Array,
+                    parc_labels: jax.Array) -> dict[str, jax.Array]:
+    """Step 3 on the padded grid once the components are known (``class_keep`` None: fast mode):
+    ``posteriors`` (cleaned, renormalised), ``seg`` (int32 labels, the parcellation's in the
+    cortex) and ``parc`` (the parcellation posteriors, background 1 outside the cortex and 0
+    inside, renormalised, as the original keeps them for the volumes)."""
+    post = post.at[..., 1:].multiply(brain_keep[..., None].astype(post.dtype))
+    if class_keep is None:
+        post = post.at[..., 1:].multiply((post[..., 1:] > FAST_THRESHOLD).astype(post.dtype))
     else:
-        post[..., 1:] *= post[..., 1:] > FAST_THRESHOLD
-
-    renormalise(post)
-    return post
-
-
-def renormalise(post: np.ndarray) -> None:
-    """Divide each voxel's posteriors by their sum, in place (all-zero voxels stay zero, where the
-    original would produce NaN and then label 0 as well)."""
-    total = post.sum(axis=-1, keepdims=True)
-    np.divide(post, total, out=post, where=total > 0)
-
-
-def parcellate(seg: np.ndarray, parc_posteriors: np.ndarray, pad_idx: np.ndarray,
-               parc_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Step 4: cortex voxels take the parcellation label. Returns (seg, parcellation posteriors):
-    the posteriors with background 1 outside the cortex and 0 inside, renormalised, as the
-    original keeps them for the volumes."""
-    parc = np.array(_crop(parc_posteriors, pad_idx), dtype=np.float32, copy=True)
-    cortex = np.isin(seg, CORTEX_LABELS)
-    parc[..., 0] = ~cortex
-    renormalise(parc)
-    parc_seg = parc_labels[np.argmax(parc, axis=-1)].astype(np.int32)
-    seg = seg.copy()
-    seg[cortex] = parc_seg[cortex]
-    return seg, parc
+        ones = jnp.ones(post.shape[:-1], dtype=jnp.bool_)
+        factor = jnp.stack([class_keep[g - 1] if g else ones for g in channel_group], -1)
+        post = post * factor.astype(post.dtype)
+    post = _renormalise(post)
+    seg = labels[jnp.argmax(post, axis=-1)]
+    out = {"posteriors": post}
+    if parc is not None:
+        cortex = jnp.isin(seg, jnp.asarray(CORTEX_LABELS))
+        parc = _renormalise(parc.at[..., 0].set((~cortex).astype(parc.dtype)))
+        seg = jnp.where(cortex, parc_labels[jnp.argmax(parc, axis=-1)], seg)
+        out["parc"] = parc
+    out["seg"] = seg.astype(jnp.int32)
+    return out
 
 
-def compute_volumes(posteriors: np.ndarray, labels: np.ndarray, voxel_size: np.ndarray, v1: bool,
-                    parc_posteriors: np.ndarray | None = None) -> np.ndarray:
-    """Step 6 from posteriors on the host, summed as they are given (their dtype and layout: see
-    ``original_sums`` for why that matters), then ``assemble_volumes``."""
-    axes = tuple(range(posteriors.ndim - 1))
-    sums = np.sum(posteriors[..., 1:], axis=axes)
-    parc_sums = None
-    if parc_posteriors is not None:
-        parc_sums = np.sum(parc_posteriors[..., 1:], axis=axes)
-    return assemble_volumes(sums, labels, voxel_size, v1, parc_sums)
-
+# ------------------------------------------------------------------------------------------------
+# 4. Volumes (host)
+# ------------------------------------------------------------------------------------------------
 
 def volume_dtype(cropped: bool) -> type:
     """The dtype the original sums the posteriors in: its network's float32 posteriors, unless a
@@ -212,47 +250,20 @@ def assemble_volumes(sums: np.ndarray, labels: np.ndarray, voxel_size: np.ndarra
 
 
 # ------------------------------------------------------------------------------------------------
-# Split form used by the pipeline: thresholds, renormalisation, argmax and volumes run in JAX
-# (network.Predictor.predict); only the connected components run here, on boolean masks.
+# 5. Back onto the scan's grid (host)
 # ------------------------------------------------------------------------------------------------
 
-def topology_groups(topology_classes: np.ndarray) -> list[np.ndarray]:
-    """The channels of each cleaned topological class (every class but the first)."""
-    topology_classes = np.asarray(topology_classes)
-    classes = np.unique(topology_classes)
-    if topology_classes[0] != classes[0]:
-        raise ValueError("the background's topological class must be the first (smallest) one")
-    return [np.flatnonzero(topology_classes == c) for c in classes[1:]]
-
-
-def keep_masks(brain: np.ndarray, class_masks: np.ndarray | None, pad_idx: np.ndarray,
-               fast: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """Connected components of the padded masks computed on the device.
-
-    ``brain``: (sum of non-background posteriors > 0.25); ``class_masks`` (K, X, Y, Z): per cleaned
-    class, any non-background posterior of the class > 0.25 (before the brain mask is applied).
-    Returns the brain's largest component (found inside the unpadded region in fast mode, where
-    the original crops first) and, unless fast, each class's largest component within it.
-    """
-    if fast:
-        keep = np.zeros_like(brain)
-        idx = pad_idx
-        keep[idx[0]:idx[3], idx[1]:idx[4], idx[2]:idx[5]] = largest_component_fast(_crop(brain, idx))
-        return keep, None
-    brain_keep = largest_component_fast(brain)
-    class_keep = np.zeros_like(class_masks)
-    for k, mask in enumerate(class_masks):
-        box = bounding_box(mask)
-        if box is None:
-            continue
-        class_keep[k][box] = largest_component(mask[box] & brain_keep[box])
-    return brain_keep, class_keep
+def renormalise(post: np.ndarray) -> None:
+    """Divide each voxel's posteriors by their sum, in place (all-zero voxels stay zero, where the
+    original would produce NaN and then label 0 as well)."""
+    total = post.sum(axis=-1, keepdims=True)
+    np.divide(post, total, out=post, where=total > 0)
 
 
 def to_scan_grid(volume: np.ndarray, prep: Preprocessed, fill_background: bool = False) -> np.ndarray:
     """Padded RAS volume -> the scan's (resampled) grid: remove the padding, paste the crop back
     (zeros around it; for posteriors background 1), undo the RAS alignment."""
-    volume = _crop(volume, prep.pad_idx)
+    volume = crop_to(volume, prep.pad_idx)
     if prep.crop_idx is not None:
         idx = prep.crop_idx
         full = np.zeros(prep.aligned_shape + volume.shape[3:], dtype=volume.dtype)
@@ -270,52 +281,3 @@ def to_input_grid(seg: np.ndarray, post: np.ndarray | None, prep: Preprocessed):
         post = resample_like(post, prep.affine, prep.input_shape, prep.input_affine, order=1)
         renormalise(post)
     return seg, post
-
-
-@dataclasses.dataclass
-class Prediction:
-    """Everything that is written for one scan."""
-
-    seg: np.ndarray            # int32 labels on the output grid
-    posteriors: np.ndarray | None  # float32 (X, Y, Z, C) on the output grid (if requested)
-    affine: np.ndarray         # the output grid's affine
-    volumes: np.ndarray        # as in the CSV
-    qc_scores: np.ndarray | None = None  # one per QC class, without the background's
-
-
-def postprocess(posteriors: np.ndarray, prep: Preprocessed, tables: LabelTables, fast: bool,
-                v1: bool, parc_posteriors: np.ndarray | None = None,
-                keepgeom: bool = False) -> Prediction:
-    """The original's ``postprocess`` in numpy, step by step: the reference that the pipeline's
-    split form (``Predictor.predict``: JAX + ``keep_masks``) is tested against. ``keepgeom`` also
-    maps the results back onto the input's own voxel grid (only differs from the default when the
-    scan was resampled to 1 mm)."""
-    labels = tables.segmentation
-    post = clean_posteriors(posteriors, prep.pad_idx, tables.topology_classes, fast)
-    seg = labels[np.argmax(post, axis=-1)].astype(np.int32)
-    parc = None
-    if parc_posteriors is not None:
-        seg, parc = parcellate(seg, parc_posteriors, prep.pad_idx, tables.parcellation)
-
-    if prep.crop_idx is not None:
-        idx = prep.crop_idx
-        full_seg = np.zeros(prep.aligned_shape, dtype=np.int32)
-        # float64, like the original's (it matters for the volumes: see original_sums)
-        full_post = np.zeros(prep.aligned_shape + (post.shape[-1],), dtype=np.float64)
-        full_post[..., 0] = 1
-        full_seg[idx[0]:idx[3], idx[1]:idx[4], idx[2]:idx[5]] = seg
-        full_post[idx[0]:idx[3], idx[1]:idx[4], idx[2]:idx[5]] = post
-        seg, post = full_seg, full_post
-
-    seg = np.ascontiguousarray(prep.alignment.from_ras(seg))
-    post = prep.alignment.from_ras(post)
-    volumes = compute_volumes(post, labels, prep.voxel_size, v1, parc)  # on the view, as the original
-    post = np.ascontiguousarray(post, dtype=np.float32)
-
-    affine = prep.affine
-    if keepgeom and prep.resampled is not None:
-        seg = resample_like(seg, affine, prep.input_shape, prep.input_affine, order=0)
-        post = resample_like(post, affine, prep.input_shape, prep.input_affine, order=1)
-        renormalise(post)
-        affine = prep.input_affine
-    return Prediction(seg=seg, posteriors=post, affine=affine, volumes=volumes)

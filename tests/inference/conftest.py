@@ -1,6 +1,7 @@
 """Tiny random-weight SynthSeg networks for the real label tables, and a models folder of them."""
 
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,10 @@ from synthseg_jax.weights.keras_h5 import save_keras_h5
 from synthseg_jax.weights.models_dir import MODEL_FILES
 
 TINY = dict(nb_features=2, nb_levels=3)
+
+# the numpy reference of post-processing lives with the parity tools, its other user
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "tools", "parity"))
 
 
 def random_variables(module, in_channels, seed, logit_scale=4.0):

@@ -8,15 +8,16 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from synthseg_jax.inference import pipeline
-from synthseg_jax.inference.pipeline import Options, run
+from synthseg_jax.inference import overlay
+from synthseg_jax.inference.options import PredictOptions
+from synthseg_jax.inference.pipeline import run
 
 FAST = dict(min_pad=32, qc_crop_size=16, progress=False)
 
 
 def call(**kw):
     out, err = io.StringIO(), io.StringIO()
-    code = run(Options(**{**FAST, **kw}), stdout=out, stderr=err)
+    code = run(PredictOptions.create(**{**FAST, **kw}), stdout=out, stderr=err)
     return code, out.getvalue(), err.getvalue()
 
 
@@ -160,7 +161,7 @@ def test_failure_while_writing_leaves_no_partial_output(tmp_path, dirs, monkeypa
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(pipeline, "overlay_png", broken)
+    monkeypatch.setattr(overlay, "overlay_png", broken)
     out = tmp_path / "out"
     code, stdout, stderr = call(i=src, o=str(out / "seg.nii.gz"), post=str(out / "p.nii.gz"),
                                 vol=str(out / "v.csv"), overlay=str(out / "o.png"), fast=True, **dirs)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from synthseg_jax import cli
-from synthseg_jax.inference import pipeline
+from synthseg_jax.inference import pipeline, runtime
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.dirname(sys.executable)
@@ -16,7 +16,7 @@ BIN = os.path.dirname(sys.executable)
 @pytest.fixture
 def captured(monkeypatch):
     calls = {}
-    monkeypatch.setattr(pipeline, "configure_runtime",
+    monkeypatch.setattr(runtime, "configure_runtime",
                         lambda threads, device: calls.update(threads=threads, device=device) or [])
     monkeypatch.setattr(pipeline, "run", lambda opts: calls.update(opts=opts) or 0)
     monkeypatch.delenv("SYNTHSEG_JAX_MODELS", raising=False)
@@ -30,17 +30,18 @@ def test_original_flags_map_to_options(captured):
             "160", "--threads", "2", "--cpu", "--ct", "--keepgeom"]
     assert cli.main(argv) == 0
     o = captured["opts"]
-    assert (o.i, o.o, o.vol, o.qc, o.post, o.resample) == ("in.nii.gz", "out.nii.gz", "v.csv", "q.csv",
-                                                          "p.nii.gz", "r.nii.gz")
+    assert o.i == "in.nii.gz"
+    assert o.outputs == {"o": "out.nii.gz", "vol": "v.csv", "qc": "q.csv", "post": "p.nii.gz",
+                         "resample": "r.nii.gz"}
     assert o.parc and o.robust and o.fast and o.ct and o.keepgeom and not o.v1
-    assert o.crop == [160, 192, 160] and o.models_dir is None
+    assert o.crop == (160, 192, 160) and o.models_dir is None
     assert captured["threads"] == 2 and captured["device"] == "cpu"
 
 
 def test_defaults_follow_the_original(captured, monkeypatch, tmp_path):
     assert cli.main(["--i", "a.nii", "--o", "b.nii", "--v1", "--crop", "96"]) == 0
     assert captured["threads"] == 1 and captured["device"] == "auto"
-    assert captured["opts"].v1 and captured["opts"].crop == [96]
+    assert captured["opts"].v1 and captured["opts"].crop == (96, 96, 96)
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "synthseg_2.0.h5").write_bytes(b"")
     monkeypatch.setenv("FREESURFER_HOME", str(tmp_path))

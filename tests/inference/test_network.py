@@ -155,7 +155,8 @@ def test_load_networks_errors(models_dir, labels_dir, tmp_path):
 def test_predict_matches_the_numpy_postprocess(tiny_nets, tables, fast):
     """The pipeline's split post-processing (JAX + host components) against the plain numpy one."""
     from synthseg_jax.scans import Scan
-    from synthseg_jax.inference.postprocess import assemble_volumes, postprocess, to_scan_grid
+    from reference_postprocess import postprocess
+    from synthseg_jax.inference.postprocess import assemble_volumes, to_scan_grid
     from synthseg_jax.inference.preprocess import preprocess
 
     lia = np.array([[-1, 0, 0, 0], [0, 0, 1, 0], [0, -1, 0, 0], [0, 0, 0, 1.0]])

@@ -3,17 +3,16 @@ import io
 
 import numpy as np
 
-from synthseg_jax.inference.outputs import (
+from synthseg_jax.inference.csv_files import (
     CsvTable,
-    colourise,
     format_qc,
     format_volumes,
-    overlay_png,
     qc_columns,
     single_scan_csv,
     subject_name,
     volume_columns,
 )
+from synthseg_jax.inference.overlay import colourise, overlay_png
 
 # Structures in increasing label order, as labels_table.txt lists them (0 left out; the .npy
 # names file spells CSF in lower case).
@@ -64,13 +63,10 @@ def test_row_formats():
 
 
 def test_csv_text_layout(tmp_path):
-    path = str(tmp_path / "vols.csv")
-    table = CsvTable(path, ["a", "b"])
-    table.write()
-    assert open(path, newline="").read() == "subject,a,b\r\n"
+    table = CsvTable(str(tmp_path / "vols.csv"), ["a", "b"])
+    assert table.pending(["s1", "1.0", "2.5"]) == "subject,a,b\r\ns1,1.0,2.5\r\n"
     table.add(["s1", "1.0", "2.5"])
-    table.write()
-    assert open(path, newline="").read() == "subject,a,b\r\ns1,1.0,2.5\r\n"
+    assert table.pending(["s2", "3", "4"]) == "subject,a,b\r\ns1,1.0,2.5\r\ns2,3,4\r\n"
     text = single_scan_csv(["a", "b"], ["s1", "1.0", "2.5"])
     assert list(csv.reader(io.StringIO(text))) == [["", "a", "b"], ["s1", "1.0", "2.5"]]
 

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from synthseg_jax.inference.outputs import qc_columns, volume_columns
-from synthseg_jax.inference.pipeline import Options, Runner, UsageError, plan_outputs, run
-from synthseg_jax.inference.postprocess import postprocess
+from reference_postprocess import postprocess
+from synthseg_jax.inference.csv_files import qc_columns, volume_columns
+from synthseg_jax.inference.options import PredictOptions, UsageError
+from synthseg_jax.inference.pipeline import Runner, run
+from synthseg_jax.inference.planning import plan_outputs
 from synthseg_jax.inference.preprocess import preprocess
 from synthseg_jax.scans import load_scan
 
@@ -28,7 +30,7 @@ def make_scan(path, shape=(28, 32, 30), affine=None, seed=0, cls=nib.Nifti1Image
 
 def call(opts, **kw):
     out, err = io.StringIO(), io.StringIO()
-    code = run(Options(**{**FAST, **kw, **opts}), stdout=out, stderr=err)
+    code = run(PredictOptions.create(**{**FAST, **kw, **opts}), stdout=out, stderr=err)
     return code, out.getvalue(), err.getvalue()
 
 
@@ -41,7 +43,7 @@ def test_single_scan_all_outputs(tmp_path, models_dir, labels_dir, tables, caplo
     lia = np.array([[-1, 0, 0, 20], [0, 0, 1, -10], [0, -1, 0, 15], [0, 0, 0, 1.0]])
     src = make_scan(tmp_path / "sub-01.nii.gz", affine=lia)
     out = tmp_path / "out"
-    opts = Options(i=src, o=str(out / "seg.nii.gz"), post=str(out / "post"), vol=str(out / "vols"),
+    opts = PredictOptions.create(i=src, o=str(out / "seg.nii.gz"), post=str(out / "post"), vol=str(out / "vols"),
                    qc=str(out / "qc.csv"), overlay=str(out), resample=str(out / "res.nii.gz"),
                    models_dir=models_dir, labels_dir=labels_dir, parc=True, **FAST)
     stdout, stderr = io.StringIO(), io.StringIO()
@@ -149,16 +151,16 @@ def test_anisotropic_oblique_scan_with_crop_and_keepgeom(tmp_path, models_dir, l
 
 def test_plan_outputs_kinds(tmp_path):
     img = make_scan(tmp_path / "s.nii.gz")
-    plan = plan_outputs(Options(i=img, o=str(tmp_path / "out"), post=str(tmp_path / "p.mgz"),
+    plan = plan_outputs(PredictOptions.create(i=img, o=str(tmp_path / "out"), post=str(tmp_path / "p.mgz"),
                                 vol=str(tmp_path / "v")))
     job = plan.jobs[0]
-    assert job.seg == str(tmp_path / "out" / "s_synthseg.nii.gz")
-    assert job.post == str(tmp_path / "p.mgz") and plan.vol_table == str(tmp_path / "v.csv")
+    assert job.paths["o"] == str(tmp_path / "out" / "s_synthseg.nii.gz")
+    assert job.paths["post"] == str(tmp_path / "p.mgz") and plan.tables["vol"] == str(tmp_path / "v.csv")
     assert plan.notes and "csv" in plan.notes[0]
     with pytest.raises(UsageError, match="i is a folder, so o must be a folder"):
-        plan_outputs(Options(i=str(tmp_path), o=str(tmp_path / "x.nii.gz")))
+        plan_outputs(PredictOptions.create(i=str(tmp_path), o=str(tmp_path / "x.nii.gz")))
     with pytest.raises(UsageError, match="only be a .txt list when i is one"):
-        plan_outputs(Options(i=img, o=str(tmp_path / "x.txt")))
+        plan_outputs(PredictOptions.create(i=img, o=str(tmp_path / "x.txt")))
     (tmp_path / "l.txt").write_text(img + "\n")
     with pytest.raises(UsageError, match="o must be a .txt list too"):
-        plan_outputs(Options(i=str(tmp_path / "l.txt"), o=str(tmp_path / "x.nii.gz")))
+        plan_outputs(PredictOptions.create(i=str(tmp_path / "l.txt"), o=str(tmp_path / "x.nii.gz")))

@@ -1,18 +1,17 @@
+"""Post-processing: the pipeline's pieces, and the numpy reference they are tested against."""
+
 import numpy as np
 import pytest
 from scipy import ndimage
 
 from synthseg_jax.geometry import RasAlignment
 from synthseg_jax.scans import Scan
+from reference_postprocess import clean_posteriors, compute_volumes, parcellate, postprocess
 from synthseg_jax.inference.postprocess import (
     assemble_volumes,
-    clean_posteriors,
-    compute_volumes,
     largest_component,
     largest_component_fast,
     original_sums,
-    parcellate,
-    postprocess,
     volume_dtype,
 )
 from synthseg_jax.inference.preprocess import preprocess

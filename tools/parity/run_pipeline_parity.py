@@ -448,7 +448,7 @@ def diagnose_robust(args, in_path: str, run: str, crop) -> dict:
     import nibabel as nib
 
     from synthseg_jax.scans import load_scan
-    from synthseg_jax.inference.postprocess import postprocess
+    from reference_postprocess import postprocess
     from synthseg_jax.inference.preprocess import preprocess
     from synthseg_jax.nn.unet import UNet
     from synthseg_jax.weights.models_dir import ModelsDir

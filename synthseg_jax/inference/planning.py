@@ -1,0 +1,152 @@
+"""Which scans a run segments and where each output goes, following ``mri_synthseg``:
+
+* ``i`` an image file (``.nii``, ``.nii.gz``, ``.mgz``): a per-scan output is a file, or a folder
+  (a path without the kind's extension) that receives ``<name>_synthseg<ext>`` etc.;
+* ``i`` a folder: every image in it (sorted); per-scan outputs must be folders;
+* ``i`` a ``.txt`` list of paths: every output given must be a ``.txt`` list of the same length;
+* tables (``vol``, ``qc``): one CSV for all scans (``.csv`` added if missing), or per-scan CSVs
+  from a ``.txt`` list.
+
+Every rule reads the output table (``outputs.OUTPUT_KINDS``); nothing here names a kind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from synthseg_jax.inference.options import PredictOptions, UsageError
+from synthseg_jax.inference.outputs import OUTPUT_KINDS, OutputKind
+from synthseg_jax.package_data import default_models_dir, label_tables_dir
+from synthseg_jax.scans import image_extension, strip_image_extension
+
+LABEL_FILE = "synthseg_segmentation_labels_2.0.npy"
+MODELS_ENV = "SYNTHSEG_JAX_MODELS"
+
+
+@dataclasses.dataclass
+class Job:
+    """One scan and the files written for it alone, by output kind key."""
+
+    image: str
+    paths: dict[str, str]
+
+    def outputs(self) -> list[str]:
+        return list(self.paths.values())
+
+
+@dataclasses.dataclass
+class Plan:
+    jobs: list[Job]
+    tables: dict[str, str] = dataclasses.field(default_factory=dict)  # one file for all scans
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+def _read_list(path: str, what: str) -> list[str]:
+    if not os.path.isfile(path):
+        raise UsageError(f"{path}: {what} list file not found")
+    try:
+        with open(path) as handle:
+            return [line.strip() for line in handle if line.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"{path}: cannot read {what} list ({err})") from None
+
+
+def list_images(folder: str) -> list[str]:
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                  if image_extension(f) and not f.startswith("."))
+
+
+def _in_folder(folder: str, kind: OutputKind, image: str) -> str:
+    name = os.path.basename(image)
+    stem = strip_image_extension(name)
+    return os.path.join(folder, kind.folder_name.format(stem=stem, ext=image_extension(name) or ""))
+
+
+def _table_file(path: str, kind: OutputKind, notes: list[str]) -> str:
+    if not kind.form.matches(path):
+        notes.append(f"{kind.key} given without {kind.form.extensions[0]} extension; "
+                     f"writing {path}{kind.form.extensions[0]}")
+        path += kind.form.extensions[0]
+    return path
+
+
+def _absolute(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(str(path)))
+
+
+def plan_outputs(opts: PredictOptions) -> Plan:
+    """Every scan with its output paths, following the kind of ``i``; ``UsageError`` on mismatch."""
+    if not opts.i:
+        raise UsageError("no input: give i=<image, folder or .txt list> (--i)")
+    if not opts.output("o"):
+        raise UsageError("no output: give o=<image, folder or .txt list> (--o)")
+    src = _absolute(opts.i)
+    given = {key: _absolute(path) for key, path in opts.outputs.items()}
+    kinds = [OUTPUT_KINDS[key] for key in given]
+
+    if src.lower().endswith(".txt"):
+        return _plan_lists(src, given)
+    for key, path in given.items():
+        if path.lower().endswith(".txt"):
+            raise UsageError(f"{key} can only be a .txt list when i is one (got {path})")
+
+    if image_extension(src):
+        if not os.path.isfile(src):
+            raise UsageError(f"{src}: file not found")
+        images = [src]
+    elif os.path.isfile(src):
+        raise UsageError(f"{src}: unsupported input; give a .nii, .nii.gz or .mgz image, a folder, "
+                         f"or a .txt list")
+    elif not os.path.isdir(src):
+        raise UsageError(f"{src}: input not found")
+    else:
+        images = list_images(src)
+        if not images:
+            raise UsageError(f"{src}: no .nii, .nii.gz or .mgz image in this folder")
+        for kind in kinds:
+            if kind.scope == "scan" and kind.form.matches(given[kind.key]):
+                raise UsageError(f"i is a folder, so {kind.key} must be a folder too "
+                                 f"(got {given[kind.key]})")
+
+    def place(kind: OutputKind, image: str) -> str:
+        path = given[kind.key]
+        return path if kind.form.matches(path) else _in_folder(path, kind, image)
+
+    notes: list[str] = []
+    jobs = [Job(image=image, paths={k.key: place(k, image) for k in kinds if k.scope == "scan"})
+            for image in images]
+    tables = {k.key: _table_file(given[k.key], k, notes) for k in kinds if k.scope == "table"}
+    return Plan(jobs=jobs, tables=tables, notes=notes)
+
+
+def _plan_lists(src: str, given: dict[str, str]) -> Plan:
+    """``i`` is a ``.txt`` list: every output a list of as many paths, tables per scan."""
+    images = _read_list(src, "input")
+    if not images:
+        raise UsageError(f"{src}: the input list is empty")
+    lists = {}
+    for key, path in given.items():
+        if not path.lower().endswith(".txt"):
+            raise UsageError(f"i is a .txt list, so {key} must be a .txt list too (got {path})")
+        lists[key] = _read_list(path, key)
+        if len(lists[key]) != len(images):
+            raise UsageError(f"{path}: lists {len(lists[key])} path(s), the input list {len(images)}")
+    jobs = [Job(image=os.path.abspath(image),
+                paths={key: os.path.abspath(paths[n]) for key, paths in lists.items()})
+            for n, image in enumerate(images)]
+    return Plan(jobs=jobs)
+
+
+def resolve_dirs(opts: PredictOptions) -> tuple[str, str]:
+    """(models folder, labels folder): ``models_dir``, else ``$SYNTHSEG_JAX_MODELS``, else the
+    shipped default model; the labels live in the models folder if it has them, else the label
+    tables shipped with the package."""
+    models_dir = _absolute(opts.models_dir or os.environ.get(MODELS_ENV) or default_models_dir())
+    if opts.labels_dir:
+        labels_dir = _absolute(opts.labels_dir)
+    elif os.path.isfile(os.path.join(models_dir, LABEL_FILE)):
+        labels_dir = models_dir
+    else:
+        labels_dir = label_tables_dir()
+    return models_dir, labels_dir

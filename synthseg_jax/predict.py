@@ -1,0 +1,37 @@
+"""SynthSeg prediction configured with Hydra (``configs/predict.yaml``, keys after
+``mri_synthseg``'s flags); ``python predict.py`` in a checkout, ``python -m synthseg_jax.predict``
+wherever the package is installed:
+
+    python -m synthseg_jax.predict i=scan.nii.gz o=seg.nii.gz parc=true vol=vols.csv qc=qc.csv
+
+The same pipeline is installed as ``mri_synthseg_jax``, which takes mri_synthseg's own flags.
+"""
+
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from synthseg_jax.package_data import config_dir
+
+
+@hydra.main(version_base=None, config_path=config_dir(), config_name="predict")
+def main(cfg: DictConfig) -> None:
+    # jax is imported only after the device and thread settings are in place
+    from synthseg_jax.inference.options import PredictOptions, UsageError
+    from synthseg_jax.inference.pipeline import run
+    from synthseg_jax.inference.runtime import configure_runtime, setup_logging
+
+    setup_logging()
+    try:
+        opts = PredictOptions.from_mapping(OmegaConf.to_container(cfg, resolve=True))
+        for note in configure_runtime(opts.threads, opts.device):
+            print(note)
+    except UsageError as err:
+        print(f"ERROR {err}", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(run(opts))
+
+
+if __name__ == "__main__":
+    main()
