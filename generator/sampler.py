@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from synthseg_jax.package_data import config_dir
+
 from . import intensity as inten
 from . import labels as lab
 from . import resolution as reso
@@ -33,7 +35,7 @@ from . import spatial
 Array = jax.Array
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG_DIR = os.path.join(REPO_ROOT, 'configs', 'generator')
+CONFIG_DIR = os.path.join(config_dir(), 'generator')   # package data: also found from a wheel
 
 LABEL_TABLES = {
     # short names accepted for output_labels

@@ -52,10 +52,6 @@ class RasAlignment:
         flips = tuple(bool(permuted[k, k] < 0) for k in range(3))
         return cls(tuple(int(p) for p in perm), flips)
 
-    @property
-    def is_identity(self) -> bool:
-        return self.permutation == (0, 1, 2) and not any(self.flips)
-
     def _full_perm(self, ndim: int) -> tuple[int, ...]:
         return tuple(self.permutation) + tuple(range(3, ndim))
 

@@ -15,8 +15,22 @@ from omegaconf import DictConfig, OmegaConf
 from synthseg_jax.package_data import config_dir
 
 
+def main() -> None:
+    """Unknown keys are refused here, in one line, before Hydra would refuse them in six."""
+    from synthseg_jax.inference.options import UsageError, check_keys
+
+    keys = [arg.split("=", 1)[0].lstrip("+~") for arg in sys.argv[1:]
+            if "=" in arg and not arg.startswith("-")]
+    try:
+        check_keys(k for k in keys if not k.startswith(("hydra.", "hydra/")))
+    except UsageError as err:
+        print(f"ERROR {err}", file=sys.stderr)
+        sys.exit(1)
+    predict()
+
+
 @hydra.main(version_base=None, config_path=config_dir(), config_name="predict")
-def main(cfg: DictConfig) -> None:
+def predict(cfg: DictConfig) -> None:
     # jax is imported only after the device and thread settings are in place
     from synthseg_jax.inference.options import PredictOptions, UsageError
     from synthseg_jax.inference.pipeline import run

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
-from collections.abc import Iterator
 
 import nibabel as nib
 import numpy as np
@@ -223,13 +222,3 @@ class AtomicWriter:
             except OSError:
                 pass
         self._pending = []
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(path for _, path in self._pending)
-
-
-def save_image(data: np.ndarray, affine: np.ndarray, header, path: str, dtype=np.float32) -> None:
-    """Write one image atomically (temporary name, then rename)."""
-    with AtomicWriter() as writer:
-        writer.image(data, affine, header, path, dtype)
-        writer.commit()

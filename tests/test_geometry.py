@@ -67,7 +67,8 @@ def test_ras_axes_ties_give_a_permutation():
 
 
 def test_identity_and_lia_alignment():
-    assert RasAlignment.from_affine(np.eye(4)).is_identity
+    eye = RasAlignment.from_affine(np.eye(4))
+    assert eye.permutation == (0, 1, 2) and not any(eye.flips)
     # FreeSurfer's conformed LIA orientation
     lia = np.array([[-1, 0, 0, 128], [0, 0, 1, -128], [0, -1, 0, 128], [0, 0, 0, 1.0]])
     al = RasAlignment.from_affine(lia)

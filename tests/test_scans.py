@@ -6,7 +6,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from synthseg_jax.scans import AtomicWriter, ScanError, load_scan, save_image
+from synthseg_jax.scans import AtomicWriter, ScanError, load_scan
+
+
+def save_image(data, affine, header, path, dtype):
+    with AtomicWriter() as writer:
+        writer.image(data, affine, header, path, dtype)
+        writer.commit()
 
 
 @pytest.mark.parametrize("ext", [".nii.gz", ".nii", ".mgz"])

@@ -68,11 +68,8 @@ class PredictOptions:
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "PredictOptions":
         """The defaults with ``values`` over them, each checked against its type (``UsageError``)."""
-        merged = dict(predict_defaults())
-        unknown = sorted(set(values) - set(merged))
-        if unknown:
-            raise UsageError(f"unknown option(s): {', '.join(unknown)} (known: {', '.join(merged)})")
-        merged.update(values)
+        check_keys(values)
+        merged = {**predict_defaults(), **values}
         outputs = {key: _parse(key, str | None, merged.pop(key)) for key in OUTPUT_KINDS}
         hints = typing.get_type_hints(cls)
         fields = {name: _parse(name, hints[name], merged[name]) for name in _settings()}
@@ -83,6 +80,14 @@ class PredictOptions:
         if key not in OUTPUT_KINDS:
             raise KeyError(f"no output kind {key!r}")
         return self.outputs.get(key)
+
+
+def check_keys(keys: Any) -> None:
+    """``UsageError`` naming every key that is not an option."""
+    known = predict_defaults()
+    unknown = sorted(set(keys) - set(known))
+    if unknown:
+        raise UsageError(f"unknown option(s): {', '.join(unknown)} (known: {', '.join(known)})")
 
 
 def _settings() -> list[str]:

@@ -13,6 +13,7 @@ from scipy import ndimage
 from reference_postprocess import postprocess
 from synthseg_jax.inference.csv_files import qc_columns, volume_columns
 from synthseg_jax.inference.options import PredictOptions, UsageError
+from synthseg_jax.inference.outputs import OUTPUT_KINDS
 from synthseg_jax.inference.pipeline import Runner, run
 from synthseg_jax.inference.planning import plan_outputs
 from synthseg_jax.inference.preprocess import preprocess
@@ -151,8 +152,8 @@ def test_anisotropic_oblique_scan_with_crop_and_keepgeom(tmp_path, models_dir, l
 
 def test_plan_outputs_kinds(tmp_path):
     img = make_scan(tmp_path / "s.nii.gz")
-    plan = plan_outputs(PredictOptions.create(i=img, o=str(tmp_path / "out"), post=str(tmp_path / "p.mgz"),
-                                vol=str(tmp_path / "v")))
+    plan = plan_outputs(PredictOptions.create(i=img, o=str(tmp_path / "out"),
+                                              post=str(tmp_path / "p.mgz"), vol=str(tmp_path / "v")))
     job = plan.jobs[0]
     assert job.paths["o"] == str(tmp_path / "out" / "s_synthseg.nii.gz")
     assert job.paths["post"] == str(tmp_path / "p.mgz") and plan.tables["vol"] == str(tmp_path / "v.csv")
@@ -164,3 +165,30 @@ def test_plan_outputs_kinds(tmp_path):
     (tmp_path / "l.txt").write_text(img + "\n")
     with pytest.raises(UsageError, match="o must be a .txt list too"):
         plan_outputs(PredictOptions.create(i=str(tmp_path / "l.txt"), o=str(tmp_path / "x.nii.gz")))
+
+
+def test_every_output_kind_is_planned_from_the_table(tmp_path):
+    """Folders for every output: per-scan kinds named after each scan, tables one file; from a
+    .txt list, one path per scan for every kind."""
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    images = [make_scan(scans / name) for name in ("a.nii.gz", "b.mgz")]
+    given = {key: str(tmp_path / key) for key in OUTPUT_KINDS}
+    plan = plan_outputs(PredictOptions.create(i=str(scans), **given))
+    scan_kinds = [k for k in OUTPUT_KINDS.values() if k.scope == "scan"]
+    for job, stem, ext in zip(plan.jobs, ("a", "b"), (".nii.gz", ".mgz")):
+        assert job.paths == {k.key: os.path.join(given[k.key], k.folder_name.format(stem=stem, ext=ext))
+                             for k in scan_kinds}
+    assert plan.tables == {k.key: given[k.key] + ".csv" for k in OUTPUT_KINDS.values()
+                           if k.scope == "table"}
+
+    (tmp_path / "in.txt").write_text("\n".join(images) + "\n")
+    lists = {}
+    for key in OUTPUT_KINDS:
+        lists[key] = [str(tmp_path / f"{key}{n}") for n in range(2)]
+        (tmp_path / f"{key}.txt").write_text("\n".join(lists[key]) + "\n")
+    plan = plan_outputs(PredictOptions.create(i=str(tmp_path / "in.txt"),
+                                              **{key: str(tmp_path / f"{key}.txt") for key in OUTPUT_KINDS}))
+    assert plan.tables == {}
+    assert [job.paths for job in plan.jobs] == [{key: lists[key][n] for key in OUTPUT_KINDS}
+                                                for n in range(2)]

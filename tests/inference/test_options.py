@@ -1,0 +1,99 @@
+"""Prediction's options: defaults from configs/predict.yaml only, every value checked once."""
+
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from synthseg_jax import cli
+from synthseg_jax.inference.options import PredictOptions, UsageError, predict_defaults
+from synthseg_jax.inference.outputs import OUTPUT_KINDS
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_defaults_come_from_the_yaml():
+    defaults = predict_defaults()
+    opts = PredictOptions.create()
+    assert opts.outputs == {} and set(OUTPUT_KINDS) <= set(defaults)
+    for name in ("parc", "robust", "fast", "v1", "ct", "keepgeom", "device", "progress",
+                 "qc_crop_size", "threads", "models_dir"):
+        assert getattr(opts, name) == defaults[name]
+    assert (opts.device, opts.progress, opts.qc_crop_size) == ("auto", True, 224)
+
+
+@pytest.mark.parametrize("word,value", [
+    (True, True), ("true", True), ("Yes", True), ("on", True), ("1", True), (1, True),
+    (False, False), ("FALSE", False), ("no", False), ("off", False), ("0", False), (0, False)])
+def test_boolean_words(word, value):
+    assert PredictOptions.create(fast=word).fast is value
+
+
+@pytest.mark.parametrize("values,message", [
+    (dict(fast="maybe"), "fast: expected true or false (also yes/no, on/off, 1/0), got 'maybe'"),
+    (dict(robust=2), "robust: expected true or false (also yes/no, on/off, 1/0), got 2"),
+    (dict(threads="abc"), "threads: expected an integer, got 'abc'"),
+    (dict(crop="abc"), "crop: expected one positive integer or three, got 'abc'"),
+    (dict(crop=[160, 192]), "crop: expected one positive integer or three, got [160, 192]"),
+    (dict(crop=0), "crop: expected one positive integer or three, got 0"),
+    (dict(device="quantum"), "device: expected one of auto, cpu, gpu, tpu, got 'quantum'"),
+    (dict(o=["a", "b"]), "o: expected a path or name, got ['a', 'b']"),
+    (dict(fats=True), "unknown option(s): fats (known: i, o, "),
+])
+def test_bad_values_are_one_line(values, message):
+    with pytest.raises(UsageError) as err:
+        PredictOptions.create(**values)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_sizes_and_paths_are_normalised():
+    opts = PredictOptions.create(crop="160", min_pad=[32, 48, 64], o=2024, vol="", threads="2")
+    assert opts.crop == (160, 160, 160) and opts.min_pad == (32, 48, 64) and opts.threads == 2
+    assert opts.outputs == {"o": "2024"}   # an empty path is no output
+    assert PredictOptions.create(crop=[96]).crop == (96, 96, 96)
+
+
+def test_every_output_kind_is_an_option_and_a_flag():
+    flags = {a.dest for a in cli.build_parser()._actions}
+    for key in OUTPUT_KINDS:
+        assert key in predict_defaults() and key in flags
+        assert PredictOptions.create(**{key: f"/x/{key}"}).output(key) == f"/x/{key}"
+
+
+def small_scan(path):
+    rng = np.random.default_rng(0)
+    nib.save(nib.Nifti1Image(rng.uniform(size=(30, 28, 32)).astype(np.float32), np.eye(4)), str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("entry", ["hydra", "flags"])
+def test_bad_values_refused_by_the_real_commands(tmp_path, entry):
+    src = small_scan(tmp_path / "s.nii.gz")
+    if entry == "hydra":
+        cmds = [[sys.executable, os.path.join(REPO, "predict.py"), f"i={src}", "o=o.nii.gz", bad]
+                for bad in ("fast=maybe", "threads=abc", "fats=true", "+fats=true")]
+    else:
+        mri = os.path.join(os.path.dirname(sys.executable), "mri_synthseg_jax")
+        cmds = [[mri, "--i", src, "--o", "o.nii.gz", *bad]
+                for bad in (["--threads", "abc"], ["--crop", "abc"], ["--device", "quantum"])]
+    for cmd in cmds:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert proc.returncode == 1, (cmd, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("ERROR "), (cmd, proc.stderr)
+        assert sorted(os.listdir(tmp_path)) == ["s.nii.gz"]
+
+
+def test_false_words_really_turn_an_option_off(tmp_path, models_dir, labels_dir):
+    """``fast=no`` runs the default mode (a string used to count as true)."""
+    src = small_scan(tmp_path / "s.nii.gz")
+    cmd = [sys.executable, os.path.join(REPO, "predict.py"), f"i={src}", f"o={tmp_path}/o.nii.gz",
+           "fast=no", "crop=32", "progress=off", "device=cpu", f"models_dir={models_dir}",
+           f"labels_dir={labels_dir}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == "SynthSeg 2.0"   # not "SynthSeg 2.0 (fast)"
+    assert os.path.isfile(tmp_path / "o.nii.gz")
