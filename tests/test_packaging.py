@@ -64,9 +64,8 @@ def test_shipped_label_tables_are_the_published_ones(version, labels_dir):
 
 
 def test_wheel_carries_configs_model_and_label_tables(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
-                           "--wheel-dir", str(tmp_path), REPO_ROOT],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(["bash", os.path.join(REPO_ROOT, "tools", "build_wheel.sh"), str(tmp_path),
+                           sys.executable], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     (wheel,) = glob.glob(str(tmp_path / "synthseg_jax-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())

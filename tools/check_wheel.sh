@@ -9,7 +9,7 @@ REPO="$PWD"
 WORK="$(mktemp -d /tmp/synthseg_jax_wheel.XXXXXX)"
 trap 'rm -rf "$WORK"' EXIT
 
-.venv/bin/pip wheel --quiet --no-deps --wheel-dir "$WORK/dist" .
+bash tools/build_wheel.sh "$WORK/dist" .venv/bin/python
 python3 -m venv "$WORK/venv"
 "$WORK/venv/bin/pip" install --quiet --upgrade pip
 "$WORK/venv/bin/pip" install --quiet "$WORK"/dist/synthseg_jax-*.whl

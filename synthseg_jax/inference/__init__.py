@@ -1,1 +1,2 @@
-"""Prediction: ``mri_synthseg``'s pipeline (preprocess -> network -> postprocess -> outputs) in JAX."""
+"""Prediction: ``mri_synthseg``'s pipeline in JAX (options -> planning -> preprocess -> network ->
+postprocess -> outputs, run as a batch by ``pipeline``)."""

@@ -12,7 +12,9 @@ What it computes is what ``mri_synthseg``'s ``build_model`` wires up in Keras:
 In fast mode the original returns (and feeds QC with) different tensors depending on which extra
 outputs are requested; ``Predictor`` reproduces those choices (see ``_forward``).
 
-Compiled executables are cached by padded shape; each compilation is logged.
+The forward also computes the masks post-processing labels on the host, and the post-processing
+that follows on the device is compiled with it (both from ``postprocess.py``, which describes the
+steps). Compiled executables are cached by padded shape; each compilation is logged.
 """
 
 from __future__ import annotations
