@@ -116,7 +116,7 @@ def _parse(name: str, hint: Any, value: Any) -> Any:
     """``value`` as the type ``hint`` (``X | None``, bool, int, str, ``Size3``, a ``Literal``)."""
     args = typing.get_args(hint)
     if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "")):
+        if value is None or value == "":
             return None
         (hint,) = [a for a in args if a is not type(None)]
     if hint is bool:
