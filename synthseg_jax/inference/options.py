@@ -42,7 +42,8 @@ class UsageError(ValueError):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PredictOptions:
     """One run's settings; names follow ``mri_synthseg``'s flags. No defaults here: they are
-    ``configs/predict.yaml``'s (``create`` fills them in)."""
+    ``configs/predict.yaml``'s (``create`` fills them in). A value is parsed by its field's type
+    (``_parse``); a check of a range or of options together goes in one place, ``__post_init__``."""
 
     i: str | None
     outputs: Mapping[str, str]          # output kind key (o, post, vol, ...) -> path, given ones only
