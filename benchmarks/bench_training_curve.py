@@ -12,7 +12,9 @@ the network's own voxel size, and on the nilearn MNI T1, exactly as the training
 
 Prints a markdown table for BENCHMARKS.md: one row per committed checkpoint, then the working
 tree's checkpoint if it is newer. ``--checkpoints`` scores the given ``checkpoints/`` folders
-instead (an A/B of runs forked from one step), with each one's paired difference from the first.
+instead (an A/B of runs forked from one step), with each one's paired difference from the first;
+a folder inside a run folder with its own ``config.yaml`` is scored with that run's network (a
+narrower and a wider network on the same images), any other with ``--run``'s.
 ``--own-stats`` adds the synthetic score with BatchNorm normalising each image with its own
 statistics, as training does without ``train.bn_running_stats``. Checkpoints that keep a moving
 average of the weights (``train.ema_decay``) are scored with it, as they are exported; ``--raw``
@@ -142,7 +144,15 @@ def main(argv: list[str] | None = None) -> None:
     from synthseg_jax.training.checkpoint import checkpoint_dir, has_average, latest_step, load_model
 
     run_dir = os.path.join(REPO, args.run)
-    score = make_scorer(run_dir, args.n_per_map, args.own_stats)
+    scorers = {}
+
+    def scorer_for(directory: str):
+        """The scorer of the run that owns ``directory`` (``--run``'s if it has no config)."""
+        owner = os.path.dirname(os.path.abspath(directory))
+        owner = owner if os.path.isfile(os.path.join(owner, "config.yaml")) else run_dir
+        if owner not in scorers:
+            scorers[owner] = make_scorer(owner, args.n_per_map, args.own_stats)
+        return scorers[owner]
     sources = []
     with tempfile.TemporaryDirectory(prefix="curve_ckpt_") as tmp:
         if args.checkpoints:
@@ -166,6 +176,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{commit}: step {step} not readable with this code ({err}); skipped",
                       file=sys.stderr)
                 continue
+            score = scorer_for(directory)
             dice, mni = score(variables)
             rows.append(dict(commit=commit, date=date, step=step, dice=dice, mean=float(dice.mean()),
                              se=float(dice.std(ddof=1) / np.sqrt(len(dice))), **mni))
