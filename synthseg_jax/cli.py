@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--labels_dir", help="(optional) Folder with the label .npy files (default: the models folder "
                              "if it has them, else the label tables shipped with the package).")
     add("--device", help="(optional) auto, cpu, gpu or tpu; --cpu is the same as --device cpu.")
+    add("--bf16", dest="precision", action="store_const", const="bf16",
+        help="(optional) bfloat16 convolution products (float32 accumulation and all else).")
     add("--no-progress", dest="progress", action="store_false", help="(optional) No progress bar.")
     return parser
 

@@ -112,8 +112,10 @@ class Networks:
     seg_voxel_size: float = 1.0               # mm; a coarser model runs on a pooled image
 
 
-def load_networks(models_dir: str, mode: Mode, labels_dir: str | None = None) -> Networks:
-    """Read every network ``mode`` needs from a FreeSurfer-style models folder.
+def load_networks(models_dir: str, mode: Mode, labels_dir: str | None = None,
+                  conv_dtype: str = "float32") -> Networks:
+    """Read every network ``mode`` needs from a FreeSurfer-style models folder, its convolutions'
+    products in ``conv_dtype`` ('float32' or 'bfloat16').
 
     Any missing or unusable file is a ``ModelError`` naming it, raised before anything is written.
     """
@@ -128,7 +130,7 @@ def load_networks(models_dir: str, mode: Mode, labels_dir: str | None = None) ->
     try:
         tables = models.labels(mode.version)
         for kind in kinds:
-            loaded[kind] = models.load_network(kind)
+            loaded[kind] = models.load_network(kind, conv_dtype)
         seg_voxel_size = models.voxel_size(mode.segmenter_kind)
         if seg_voxel_size not in (1.0, 2.0, 4.0):
             raise ModelError(f"{models_dir}: segmenter voxel size {seg_voxel_size} mm; "

@@ -33,6 +33,7 @@ BOOLEAN_WORDS = {"true": True, "yes": True, "on": True, "1": True,
                  "false": False, "no": False, "off": False, "0": False}
 Size3 = tuple[int, int, int]
 Device = Literal["auto", "cpu", "gpu", "tpu"]
+Precision = Literal["float32", "bf16"]
 
 
 class UsageError(ValueError):
@@ -58,6 +59,7 @@ class PredictOptions:
     labels_dir: str | None
     threads: int | None
     device: Device
+    precision: Precision
     progress: bool
     qc_crop_size: int                   # for tests only: the QC network's MakeShape size
     min_pad: Size3 | None               # for tests only: null is the original's rule

@@ -71,7 +71,8 @@ class Runner:
             raise UsageError(str(err)) from None
         self.plan = plan_outputs(opts)
         models_dir, labels_dir = resolve_dirs(opts)
-        self.networks = load_networks(models_dir, self.mode, labels_dir)
+        conv_dtype = "bfloat16" if opts.precision == "bf16" else "float32"
+        self.networks = load_networks(models_dir, self.mode, labels_dir, conv_dtype)
         self.tables = self.networks.tables
         self.predictor = Predictor(self.networks, self.mode, qc_crop_size=opts.qc_crop_size)
         self.timings: list[dict[str, float]] = []   # per scan: compile, network, components, ...
@@ -235,5 +236,6 @@ def run(opts: PredictOptions | Mapping[str, Any], stdout: TextIO | None = None,
     except Exception as err:
         print(f"ERROR {_one_line(err)}", file=stderr)
         return 1
-    print(runner.mode.describe(), file=stdout)
+    precision = ", bfloat16 convolution products" if opts.precision == "bf16" else ""
+    print(runner.mode.describe() + precision, file=stdout)
     return runner.run().exit_code

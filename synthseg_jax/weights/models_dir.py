@@ -105,12 +105,14 @@ def infer_encoder_config(layers: dict, prefix: str, path: str) -> EncoderConfig:
                          feat_mult=second[-1] // first[-1], batch_norm=f"{prefix}_bn_down_0" in layers)
 
 
-def network_from_file(kind: str, path: str, tables: LabelTables) -> tuple[nn.Module, int]:
-    """The module whose architecture the weight file describes, checked against the label tables."""
+def network_from_file(kind: str, path: str, tables: LabelTables,
+                      conv_dtype: str = "float32") -> tuple[nn.Module, int]:
+    """The module whose architecture the weight file describes, checked against the label tables;
+    ``conv_dtype``: its convolutions' products ('float32' or 'bfloat16', nn/conv.py)."""
     layers = read_keras_h5(path)
 
     def unet(prefix: str, n_expected: int) -> UNetConfig:
-        cfg = infer_unet_config(layers, prefix, path)
+        cfg = dataclasses.replace(infer_unet_config(layers, prefix, path), conv_dtype=conv_dtype)
         if cfg.n_labels != n_expected:
             raise WeightFileError(f"{path}: '{prefix}_likelihood' has {cfg.n_labels} outputs, the "
                                   f"label tables of SynthSeg {tables.version} need {n_expected}")
@@ -129,7 +131,8 @@ def network_from_file(kind: str, path: str, tables: LabelTables) -> tuple[nn.Mod
         if n_out != tables.n_qc:
             raise WeightFileError(f"{path}: 'qc_final_conv_1' has {n_out} outputs, the QC label "
                                   f"table needs {tables.n_qc}")
-        return QCRegressor(n_qc_labels=n_out, encoder=infer_encoder_config(layers, "qc", path)), n_out
+        encoder = dataclasses.replace(infer_encoder_config(layers, "qc", path), conv_dtype=conv_dtype)
+        return QCRegressor(n_qc_labels=n_out, encoder=encoder), n_out
     raise ValueError(f"unknown network kind {kind!r}; expected one of {sorted(MODEL_FILES)}")
 
 
@@ -171,8 +174,9 @@ class ModelsDir:
             raise WeightFileError(f"{path}: the stages of '{kind}' disagree on the voxel size {sorted(sizes)}")
         return sizes.pop() if sizes else 1.0
 
-    def load_network(self, kind: str) -> tuple[nn.Module, Any]:
+    def load_network(self, kind: str, conv_dtype: str = "float32") -> tuple[nn.Module, Any]:
         """The module of ``kind`` (architecture read off the file) and its variables."""
         path = self.weights_file(kind)
-        module, in_channels = network_from_file(kind, path, self.labels(label_version(kind)))
+        module, in_channels = network_from_file(kind, path, self.labels(label_version(kind)),
+                                                conv_dtype)
         return module, load_keras_h5(path, variable_shapes(module, in_channels))

@@ -97,3 +97,12 @@ def test_false_words_really_turn_an_option_off(tmp_path, models_dir, labels_dir)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[0] == "SynthSeg 2.0"   # not "SynthSeg 2.0 (fast)"
     assert os.path.isfile(tmp_path / "o.nii.gz")
+
+
+def test_bf16_flag_of_the_drop_in_command_line():
+    def precision(argv):
+        flags = vars(cli.build_parser().parse_args(argv))
+        return PredictOptions.from_mapping(cli.options_from_flags(flags)).precision
+
+    assert precision(["--i", "a.nii", "--o", "b.nii", "--bf16"]) == "bf16"
+    assert precision(["--i", "a.nii", "--o", "b.nii"]) == "float32"
