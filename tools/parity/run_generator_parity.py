@@ -144,7 +144,7 @@ def picture(png: str, per_setting: Dict[str, tuple]) -> None:
                 ax.set_title(('original ' if c < 3 else 'ours ') + ('sagittal', 'coronal', 'axial')[c % 3], fontsize=9)
         axes[r, 0].set_ylabel(title, fontsize=8)
     fig.tight_layout()
-    fig.savefig(png, dpi=80)
+    fig.savefig(png, dpi=60)
     plt.close(fig)
 
 
