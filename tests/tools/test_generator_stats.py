@@ -100,8 +100,9 @@ def test_bias_statistic_sees_a_smooth_field_and_not_the_noise():
     t = phantom()
     rng = np.random.default_rng(4)
     x = np.linspace(-1, 1, SHAPE[0])[:, None, None] * np.ones(SHAPE)
-    plain = gs.bias_stats(render(t, rng, MEANS, std=0.1), t)['bias/wm_cv']
-    biased = gs.bias_stats(render(t, rng, MEANS, std=0.1, field=np.exp(0.3 * x)), t)['bias/wm_cv']
+    sharp = (0.01,) * 3                                   # unblurred noise: only the smoothing removes it
+    plain = gs.bias_stats(render(t, rng, MEANS, std=0.1, blur=sharp), t)['bias/wm_cv']
+    biased = gs.bias_stats(render(t, rng, MEANS, std=0.1, blur=sharp, field=np.exp(0.3 * x)), t)['bias/wm_cv']
     assert plain < 0.02
     assert biased > 3 * plain
 
@@ -152,3 +153,16 @@ def test_binary_statistic_uses_an_exact_test():
     row = gs.compare(ref, never)[0]
     assert row['test'] == 'fisher' and row['separates'] and row['effect'] == pytest.approx(-0.5)
     assert not gs.compare(ref, ref)[0]['separates']
+
+
+def test_bonferroni_correction_over_the_tested_statistics():
+    """A shift with raw p ~ 0.004 separates alone, not among ten statistics."""
+    ref = [{'a': float(i)} for i in range(20)]
+    ours = [{'a': float(i + 11)} for i in range(20)]
+    alone = gs.compare(ref, ours)[0]
+    assert 0.001 < alone['p'] < 0.01 and alone['separates']
+    for r, o in zip(ref, ours):
+        r.update({f'same{j}': r['a'] for j in range(9)})
+        o.update({f'same{j}': r['a'] for j in range(9)})
+    among = {r['stat']: r for r in gs.compare(ref, ours)}['a']
+    assert among['p_bonferroni'] == pytest.approx(10 * among['p']) and not among['separates']
