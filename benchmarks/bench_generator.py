@@ -81,7 +81,7 @@ def stage_table(bank, params, shape, iters):
     image = run('GMM parameters + sampling', gmm, key, labels)
     run('  of which N(0,1) noise', lambda k: jax.random.normal(k, shape), key)
     image = run('bias field', lambda k, x: inten.apply_bias_field(k, x, cfg.bias_field_std, cfg.bias_scale,
-                                                                  cfg.bias_prob), key, image)
+                                                                  True)[0], key, image)
     image = run('clip, normalise, gamma', lambda k, x: inten.intensity_augmentation(k, x, cfg.clip, True,
                                                                                     cfg.gamma_std), key, image)
     run('resolution: blur + down/up-sampling', lambda k, x: reso.randomise_resolution(k, x, shape), key, image)

@@ -77,11 +77,14 @@ def extract(commit: str, run: str, into: str) -> str:
 def make_scorer(run_dir: str, n_per_map: int, own_stats: bool):
     """``score(variables) -> (per-image Dice, MNI scores and the own-statistics mean)``, built
     once: the validation images are drawn once with the run's validation seed."""
-    from omegaconf import OmegaConf
+    import dataclasses
+
+    from synthseg_jax.training import config
     from synthseg_jax.training.loop import Run
 
-    cfg = OmegaConf.to_container(OmegaConf.load(os.path.join(run_dir, "config.yaml")), resolve=True)
-    cfg["validation"].update(n_per_map=n_per_map, mni=True)
+    cfg = config.of_run(run_dir)
+    cfg = dataclasses.replace(cfg, validation=dataclasses.replace(cfg.validation, n_per_map=n_per_map,
+                                                                   mni=True))
     run = Run(cfg, out_dir=run_dir)   # only read: nothing is written there
     chunks, mni = run.validation_set(), run.mni()
 

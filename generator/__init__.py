@@ -10,7 +10,9 @@ Typical use::
     image, target = draw(jax.random.key(0), bank.maps)
 """
 from .sampler import (GeneratorConfig, LabelBank, LabelMapError, SamplerParams, build_params, load_config,
-                      load_label_maps, make_sampler, sample, sample_from_bank, sample_with_info)
+                      load_label_maps, make_sampler, output_values, sample, sample_from_bank, sample_labels,
+                      sample_with_info)
 
 __all__ = ['GeneratorConfig', 'LabelBank', 'LabelMapError', 'SamplerParams', 'build_params', 'load_config',
-           'load_label_maps', 'make_sampler', 'sample', 'sample_from_bank', 'sample_with_info']
+           'load_label_maps', 'make_sampler', 'output_values', 'sample', 'sample_from_bank', 'sample_labels',
+           'sample_with_info']

@@ -12,7 +12,7 @@ GMM parameters are drawn per generation *class* (labels sharing a class share a 
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -130,12 +130,11 @@ def sample_bias_field(key: Array, shape: Sequence[int], bias_field_std: float = 
 
 
 def apply_bias_field(key: Array, image: Array, bias_field_std: float = 0.7, bias_scale: float = 0.025,
-                     prob: float = 0.95) -> Array:
-    """Multiply ``image`` (one channel) by a random bias field with probability ``prob``."""
-    k_f, k_p = jax.random.split(key)
-    field, _, _ = sample_bias_field(k_f, image.shape, bias_field_std, bias_scale)
-    apply = jax.random.uniform(k_p) < prob
-    return jnp.where(apply, image * field, image)
+                     apply: Array | bool = True) -> Tuple[Array, Array]:
+    """Multiply ``image`` (one channel) by a random bias field where ``apply`` is true (the sampler
+    draws that once per sample, shared by its channels). Returns ``(image, drawn std)``."""
+    field, std, _ = sample_bias_field(key, image.shape, bias_field_std, bias_scale)
+    return jnp.where(apply, image * field, image), std
 
 
 def intensity_augmentation(key: Array, image: Array, clip: float = 300.0, normalise: bool = True,

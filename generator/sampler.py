@@ -7,10 +7,11 @@ randomisation (blur, down- and up-sampling), conversion to the segmentation labe
 * :class:`GeneratorConfig` -- frozen dataclass mirroring ``configs/generator/*.yaml``;
 * :func:`load_config` -- Hydra compose of a generator config with overrides;
 * :class:`SamplerParams` -- the config with its label tables resolved (hashable; the static
-  argument of the jitted sampler);
+  argument of the jitted sampler); :func:`output_values` maps its labels through another table;
 * :func:`load_label_maps` -- read a folder of label maps once into one device array of
   generation-label indices, with one-line errors naming any bad file;
-* :func:`sample`, :func:`sample_from_bank`, :func:`make_sampler`.
+* :func:`sample`, :func:`sample_with_info`, :func:`sample_from_bank`, :func:`make_sampler`;
+  :func:`sample_labels`, the deformed labels of a sample without its image.
 """
 from __future__ import annotations
 
@@ -198,6 +199,18 @@ class SamplerParams:
         """Sorted unique output values (the segmentation network's channel order)."""
         return tuple(int(v) for v in np.unique(self.output_values))
 
+    def with_config(self, **changes) -> 'SamplerParams':
+        """The same resolved tables with other sampling settings (crop, resolution, target...);
+        a key that names or changes a table needs ``build_params``."""
+        tables = sorted(set(changes) & TABLE_KEYS)
+        if tables:
+            raise ValueError(f"{', '.join(tables)} change the label tables: use build_params")
+        return dataclasses.replace(self, config=self.config.replace(**changes))
+
+
+TABLE_KEYS = {'priors_dir', 'generation_labels', 'n_neutral_labels', 'generation_classes',
+              'output_labels', 'prior_means', 'prior_stds'}
+
 
 def build_params(cfg: GeneratorConfig, generation_labels: Optional[Sequence[int]] = None) -> SamplerParams:
     """Resolve the label tables of ``cfg`` (``generation_labels`` overrides the config's, e.g.
@@ -216,8 +229,7 @@ def build_params(cfg: GeneratorConfig, generation_labels: Optional[Sequence[int]
     n_classes = int(classes.max()) + 1
     if not np.array_equal(np.unique(classes), np.arange(n_classes)):
         raise ValueError("generation_classes must cover 0..K-1")
-    out = _table(cfg.output_labels, cfg.priors_dir, 'output_labels')
-    out = gl.copy() if out is None else lab.align_table(out.reshape(-1), gl, n_neutral)
+    out = _output_values(cfg.output_labels, cfg.priors_dir, gl, n_neutral)
     means = cfg.prior_means
     stds = cfg.prior_stds
     if isinstance(means, str):
@@ -236,6 +248,22 @@ def build_params(cfg: GeneratorConfig, generation_labels: Optional[Sequence[int]
         prior_means=means,
         prior_stds=stds,
     )
+
+
+def _output_values(output_labels, priors_dir: str, generation_labels: np.ndarray,
+                   n_neutral: int) -> np.ndarray:
+    out = _table(output_labels, priors_dir, 'output_labels')
+    if out is None:
+        return generation_labels.copy()
+    return lab.align_table(out.reshape(-1), generation_labels, n_neutral)
+
+
+def output_values(params: SamplerParams, output_labels: Any) -> np.ndarray:
+    """The output value of every generation label for another ``output_labels`` (a name of
+    :data:`LABEL_TABLES`, a file, a list or None), as ``build_params`` would resolve it, without
+    resolving the other tables again."""
+    return _output_values(output_labels, params.config.priors_dir,
+                          np.asarray(params.generation_labels, np.int64), params.n_neutral_labels)
 
 
 # --------------------------------------------------------------------------- label-map loading
@@ -322,14 +350,18 @@ def load_label_maps(label_dir: str, generation_labels: Optional[Sequence[int]] =
 
 # --------------------------------------------------------------------------- the sampler
 
-def _sample(key: Array, label_map: Array, params: SamplerParams, with_info: bool):
-    cfg = params.config
+def _split(key: Array, cfg: GeneratorConfig) -> Array:
     # one split for everything (each PRNG call site costs compile time)
-    keys = jax.random.split(key, 2 + 5 * cfg.n_channels)
+    return jax.random.split(key, 2 + 5 * cfg.n_channels)
+
+
+def _deformed_labels(keys: Array, label_map: Array, params: SamplerParams, info: Optional[dict]):
+    """Steps 1-2: deformed, cropped, flipped generation-label indices, and the two uniform draws
+    (flip, bias-field application) of the sample."""
+    cfg = params.config
     k_spatial, k_misc = keys[0], keys[1]
     u_misc = jax.random.uniform(k_misc, (2,), jnp.float32)     # flip, bias-field application
     out_shape = tuple(min(int(o), int(s)) for o, s in zip(cfg.output_shape, label_map.shape))
-    info = {}
 
     # 1. spatial deformation and crop: one nearest-neighbour resampling
     labels, sp = spatial.deform_and_crop(
@@ -337,18 +369,27 @@ def _sample(key: Array, label_map: Array, params: SamplerParams, with_info: bool
         shearing_bounds=cfg.shearing_bounds, translation_bounds=cfg.translation_bounds,
         nonlin_std=cfg.nonlin_std, nonlin_scale=cfg.nonlin_scale, int_steps=cfg.nonlin_int_steps,
         integration_factor=cfg.nonlin_integration_factor, return_params=True)
-    if with_info:
+    if info is not None:
         info.update({k: v for k, v in sp.items() if k != 'positions'})
+        info['labels_before_flip'] = labels
 
     # 2. left/right flip (RAS axis 0) with label swap
-    if with_info:
-        info['labels_before_flip'] = labels
     if cfg.flipping:
         do_flip = u_misc[0] < cfg.flip_prob
         labels = lab.flip_lr(labels, do_flip, np.asarray(params.flip_lut, np.int32), axis=0)
-        info['flipped'] = do_flip
-    if with_info:
+        if info is not None:
+            info['flipped'] = do_flip
+    if info is not None:
         info['labels'] = labels
+    return labels, u_misc
+
+
+def _sample(key: Array, label_map: Array, params: SamplerParams, with_info: bool):
+    cfg = params.config
+    keys = _split(key, cfg)
+    info = {} if with_info else None
+    labels, u_misc = _deformed_labels(keys, label_map, params, info)
+    out_shape = labels.shape
 
     class_of_label = jnp.asarray(params.class_of_label, jnp.int32)
     bias_apply = u_misc[1] < cfg.bias_prob
@@ -368,9 +409,8 @@ def _sample(key: Array, label_map: Array, params: SamplerParams, with_info: bool
             ci['gmm'] = im
         # 4. bias field
         if cfg.bias_field_std > 0:
-            field, bstd, _ = inten.sample_bias_field(kc[2], im.shape, cfg.bias_field_std, cfg.bias_scale)
-            im = jnp.where(bias_apply, im * field, im)
-            ci['bias_std'] = bstd
+            im, ci['bias_std'] = inten.apply_bias_field(kc[2], im, cfg.bias_field_std, cfg.bias_scale,
+                                                        bias_apply)
         # 5. clip, normalise, gamma
         im = inten.intensity_augmentation(kc[3], im, cfg.clip, cfg.normalise, cfg.gamma_std)
         # 6. resolution
@@ -408,6 +448,13 @@ def sample(key: Array, label_map: Array, params: SamplerParams) -> Tuple[Array, 
     and ``label_map``.
     """
     return _sample(key, label_map, params, False)
+
+
+@partial(jax.jit, static_argnames=('params',))
+def sample_labels(key: Array, label_map: Array, params: SamplerParams) -> Array:
+    """The deformed, cropped and flipped generation-label indices from which :func:`sample` draws
+    its image with the same key, without the image (label-to-label training, e.g. a denoiser)."""
+    return _deformed_labels(_split(key, params.config), label_map, params, None)[0]
 
 
 @partial(jax.jit, static_argnames=('params',))

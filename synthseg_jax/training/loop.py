@@ -26,38 +26,30 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from generator.sampler import GeneratorConfig, resolve_path
+from generator.sampler import resolve_path
 from synthseg_jax.training import checkpoint as ckpt
 from synthseg_jax.training import step as st
-from synthseg_jax.training.tasks import ModelSpec, Task, load_training_data
-from synthseg_jax.training.validation import load_mni, mask_dice
-from synthseg_jax.weights.keras_h5 import (BATCHNORM_WEIGHTS, CONV_WEIGHTS, WeightFileError,
-                                           keras_layer_paths, read_keras_h5)
+from synthseg_jax.training.config import TrainConfig, TrainSection
+from synthseg_jax.training.tasks import Task, load_training_data
+from synthseg_jax.training.validation import load_mni, mni_forward, mni_scores
+from synthseg_jax.weights.keras_h5 import load_keras_h5, save_keras_h5
 from synthseg_jax.weights.models_dir import MODEL_FILES
 
-METRIC_FIELDS = ("step", "phase", "loss", "grad_norm", "seconds")
+METRIC_FIELDS = ("step", "phase", "loss", "grad_norm", "lr", "seconds")
 VALIDATION_FIELDS = ("step", "phase", "synthetic", "mni_wm", "mni_gm")
 
 
 # --------------------------------------------------------------------------- config helpers
 
-def _container(cfg) -> dict:
-    from omegaconf import DictConfig, OmegaConf
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)
-    return dict(cfg)
-
-
-def output_dir(cfg: Mapping) -> str:
-    out = cfg["train"].get("out_dir")
-    if out:
-        return os.path.abspath(out)
+def output_dir(train: TrainSection) -> str:
+    if train.out_dir:
+        return os.path.abspath(os.path.expanduser(train.out_dir))
     try:
         from hydra.core.hydra_config import HydraConfig
         return HydraConfig.get().runtime.output_dir
@@ -158,32 +150,6 @@ def plot_curves(run_dir: str, out: str | None = None) -> str | None:
 
 # --------------------------------------------------------------------------- initial weights
 
-def load_h5_subset(path: str, variables: Mapping) -> dict:
-    """Weights of every layer of ``variables`` from a Keras file that may hold more networks
-    (e.g. one stage of ``synthseg_robust_2.0.h5``). Missing layers or shape mismatches are errors."""
-    file_layers = read_keras_h5(path)
-    out = jax.tree_util.tree_map(np.asarray, {k: dict(v) for k, v in variables.items()})
-    for layer, layer_path in keras_layer_paths(variables).items():
-        if layer not in file_layers:
-            raise WeightFileError(f"{path}: layer '{layer}' is missing from the file")
-        node = variables["params"]
-        for key in layer_path:
-            node = node[key]
-        mapping = BATCHNORM_WEIGHTS if "scale" in node else CONV_WEIGHTS
-        for keras_name, (collection, flax_name) in mapping.items():
-            target = out[collection]
-            for key in layer_path:
-                target = target[key]
-            value = file_layers[layer].get(keras_name)
-            if value is None or value.shape != target[flax_name].shape:
-                raise WeightFileError(
-                    f"{path}: layer '{layer}' weight '{keras_name}' has shape "
-                    f"{None if value is None else value.shape}, the network expects "
-                    f"{target[flax_name].shape}")
-            target[flax_name] = np.asarray(value, np.float32)
-    return out
-
-
 def initial_variables(module, task: Task, init: str | None, seed: int) -> dict:
     """Keras-style random weights, or (fine-tuning) weights from a ``.h5`` file or a run."""
     variables = st.init_variables(module, task.in_channels, seed)
@@ -191,7 +157,7 @@ def initial_variables(module, task: Task, init: str | None, seed: int) -> dict:
         return variables
     init = os.path.expanduser(str(init))
     if init.endswith(".h5"):
-        return load_h5_subset(init, variables)
+        return load_keras_h5(init, variables, other_layers=True)
     loaded, _ = ckpt.load_model(init)
     shapes = jax.tree_util.tree_map(np.shape, variables)
     if jax.tree_util.tree_map(np.shape, loaded) != shapes:
@@ -199,10 +165,9 @@ def initial_variables(module, task: Task, init: str | None, seed: int) -> dict:
     return loaded
 
 
-def freeze_patterns(train_cfg: Mapping) -> list[str]:
-    patterns = list(train_cfg.get("freeze") or [])
-    levels = int(train_cfg.get("freeze_levels") or 0)
-    for level in range(levels):
+def freeze_patterns(train: TrainSection) -> list[str]:
+    patterns = list(train.freeze)
+    for level in range(train.freeze_levels):
         patterns += [f"_conv_downarm_{level}_", f"_bn_down_{level}$",
                      f"_expand_down_merge_{level}$"]
     return patterns
@@ -213,44 +178,45 @@ def freeze_patterns(train_cfg: Mapping) -> list[str]:
 class Run:
     """Everything a run needs, built once from the config (also used by tests/benchmarks)."""
 
-    def __init__(self, cfg: Mapping, out_dir: str | None = None):
-        cfg = _container(cfg)
-        self.cfg = cfg
-        train, val = cfg["train"], cfg.get("validation") or {}
-        self.out_dir = out_dir or output_dir(cfg)
-        enable_compilation_cache(train.get("compilation_cache"))
-        if train.get("distributed"):
+    def __init__(self, cfg: TrainConfig | Mapping, out_dir: str | None = None):
+        self.config = cfg if isinstance(cfg, TrainConfig) else TrainConfig.from_mapping(cfg)
+        train, self.val_cfg = self.config.train, self.config.validation
+        self.out_dir = out_dir or output_dir(train)
+        enable_compilation_cache(train.compilation_cache)
+        if train.distributed:
             jax.distributed.initialize()
-        self.spec = ModelSpec.from_dict(cfg["model"])
-        gcfg = GeneratorConfig.from_dict(cfg["generator"])
+        self.spec = self.config.model
+        gcfg = self.config.generator
         bad = [s for s in gcfg.output_shape if s % self.spec.size_multiple]
         if bad:
             raise ValueError(f"generator.output_shape {list(gcfg.output_shape)} must be a multiple "
                              f"of {self.spec.size_multiple} for a {self.spec.nb_levels}-level network")
-        self.data = load_training_data(self.spec, gcfg, held_out=train.get("held_out") or (),
-                                       max_maps=train.get("max_maps"),
-                                       downsample=int(train.get("label_downsample") or 1),
-                                       label_dir=train.get("label_dir"))
-        self.task = Task(self.spec, self.data.gcfg)
+        self.data = load_training_data(self.spec, gcfg, held_out=train.held_out,
+                                       max_maps=train.max_maps, downsample=train.label_downsample,
+                                       label_dir=train.label_dir)
+        self.task = Task(self.spec, self.data.params)
         self.module = self.task.module()
-        self.seed = int(cfg.get("seed", 0))
-        self.batch_size = int(train.get("batch_size", 1))
+        self.seed = self.config.seed
+        self.batch_size = train.batch_size
         devices = jax.devices()
-        n_dev = int(train.get("devices") or 0) or len(devices)
-        n_dev = min(n_dev, len(devices))
+        n_dev = min(train.devices or len(devices), len(devices))
         if self.batch_size % n_dev:
             raise ValueError(f"train.batch_size {self.batch_size} is not a multiple of the "
                              f"{n_dev} devices; set train.devices or the batch size")
         self.mesh = st.make_mesh(devices[:n_dev])
-        variables = initial_variables(self.module, self.task, train.get("init"), self.seed)
-        optim = dict(cfg.get("optim") or {})
-        optim.pop("name", None)
+        variables = initial_variables(self.module, self.task, train.init, self.seed)
+        optim = self.config.optim
+        self.total_steps = train.steps
+        self.lr = st.learning_rate(optim.schedule, optim.lr, self.total_steps, decay=optim.decay,
+                                   warmup_steps=optim.warmup_steps, end_lr=optim.end_lr,
+                                   boundaries=optim.boundaries, factor=optim.factor)
         self.freeze = freeze_patterns(train)
-        self.tx = st.make_optimizer(**optim, freeze=self.freeze, params=variables["params"])
+        self.tx = st.make_optimizer(self.lr, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                                    clip_norm=optim.clip_norm, freeze=self.freeze,
+                                    params=variables["params"])
         self.trainer = st.Trainer(self.module, self.tx, self.task.loss, self.mesh,
-                                  frozen_stats=self.freeze,
-                                  running_stats=bool(train.get("bn_running_stats", False)),
-                                  ema_decay=float(train.get("ema_decay") or 0.0))
+                                  frozen_stats=self.freeze, running_stats=train.bn_running_stats,
+                                  ema_decay=train.ema_decay)
         self.initial = st.create_state(variables, self.tx, self.seed, ema=self.trainer.ema_decay > 0)
         maps = [self.data.train_maps] + ([self.data.val_maps] if self.data.val_maps is not None else [])
         self.n_train = len(self.data.train_maps)
@@ -259,10 +225,8 @@ class Run:
         self._eval = jax.jit(lambda v, x, y: self.task.evaluate(self.module.apply(v, x), y))
         self._eval_own_stats = jax.jit(lambda v, x, y: self.task.evaluate(
             self.module.apply(v, x, train=True, mutable=["batch_stats"])[0], y))
-        self._forward = jax.jit(lambda v, x: self.module.apply(v, x))
-        self.wl2_steps = int(train.get("wl2_steps", 0)) if "wl2" in self.task.phases else 0
-        self.total_steps = int(train["steps"])
-        self.val_cfg = val
+        self._forward_mni = jax.jit(mni_forward(self.module.apply, self.data.gcfg.atlas_res))
+        self.wl2_steps = train.wl2_steps if "wl2" in self.task.phases else 0
 
     # ---- data
     def _make_batch(self, key, indices, bank):
@@ -293,11 +257,11 @@ class Run:
     # ---- validation
     def validation_set(self):
         """Held-out synthetic pairs, drawn once with the validation seed (batch-sized chunks)."""
-        if self.data.val_maps is None or not int(self.val_cfg.get("n_per_map", 0)):
+        if self.data.val_maps is None or not self.val_cfg.n_per_map:
             return []
         n_val = len(self.data.val_maps)
-        per_map = int(self.val_cfg.get("n_per_map", 2))
-        base = jax.random.key(int(self.val_cfg.get("seed", 1234)))
+        per_map = self.val_cfg.n_per_map
+        base = jax.random.key(self.val_cfg.seed)
         items = [(self.n_train + i, jax.random.fold_in(jax.random.fold_in(base, i), j))
                  for i in range(n_val) for j in range(per_map)]
         chunks = []
@@ -329,41 +293,58 @@ class Run:
         if chunks:
             out["synthetic"] = float(np.mean(self.synthetic_scores(variables, chunks)))
         if mni is not None:
-            logits = self._forward(variables, mni.image)
+            logits = self._forward_mni(variables, mni.image)
             labels = np.asarray(self.task.target_labels)[np.asarray(jnp.argmax(logits[0], -1))]
-            out["mni_wm"] = mask_dice(np.isin(labels, self.spec.mni_wm), mni.wm)
-            out["mni_gm"] = mask_dice(np.isin(labels, self.spec.mni_gm), mni.gm)
+            out.update(mni_scores(labels, mni, self.spec.mni_wm, self.spec.mni_gm))
         return out
 
     def mni(self):
-        if not self.val_cfg.get("mni", False) or self.spec.kind != "segmenter" \
+        if not self.val_cfg.mni or self.spec.kind != "segmenter" \
                 or not (self.spec.mni_wm and self.spec.mni_gm):
             return None
         return load_mni(self.data.gcfg.atlas_res, self.spec.size_multiple)
 
 
-@contextlib.contextmanager
-def stop_on_signals():
-    """SIGTERM (how schedulers such as SLURM stop a job) and SIGINT stop training like Ctrl-C.
-    SIGINT is set explicitly because a shell starts background jobs with it ignored."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+class StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM (how SLURM and other schedulers stop a job) during training.
 
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
+    The first signal only asks the loop to stop: the step, validation or checkpoint save under
+    way finishes, then the state of that last completed step is saved and the run exits with 130.
+    Raising at the signal instead would abandon a step whose jitted call has already taken (donated)
+    the previous state's buffers, leaving no complete state to save. A second signal stops at once,
+    keeping the checkpoints already written. SIGINT is set explicitly because a shell starts
+    background jobs with it ignored.
+    """
 
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def __bool__(self) -> bool:
+        return self.signal is not None
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+        print(f"\n[train] {signal.Signals(signum).name}: stopping after the current step "
+              f"(send it again to stop at once)", flush=True)
 
 
 def stop_cleanly(manager, state, meta: Mapping, out_dir: str, main: bool) -> None:
-    """Ctrl-C: keep the last fully logged step (so resuming continues the metrics without a gap),
-    let any save in flight finish, say how to go on, and exit with 130 instead of a traceback."""
+    """Save ``state`` (the last completed step, its metrics written) unless its checkpoint exists,
+    let any save in flight finish, say how to go on, and exit with 130."""
     step = int(jax.device_get(state.step))
     if manager.latest_step() != step:
         ckpt.save(manager, state, meta, force=True)
@@ -375,7 +356,24 @@ def stop_cleanly(manager, state, meta: Mapping, out_dir: str, main: bool) -> Non
     raise SystemExit(130)
 
 
-def run(cfg) -> dict:
+def stop_at_once(manager, out_dir: str, main: bool) -> None:
+    """A second signal: keep what is saved (a save in flight completes) and exit with 130."""
+    manager.wait_until_finished()
+    manager.close()
+    if main:
+        print(f"[train] stopped at once: the latest checkpoint is step {manager.latest_step()} "
+              f"in {out_dir}; the same command resumes from it", flush=True)
+    raise SystemExit(130)
+
+
+def export_name(r: Run) -> str:
+    """The run's ``export/`` file: its models-folder name (one file per robust stage)."""
+    if r.spec.export == "robust":
+        return f"synthseg_robust_2.0_{r.spec.prefix}.h5"
+    return MODEL_FILES.get(r.spec.export, f"{r.spec.name}.h5")
+
+
+def run(cfg: TrainConfig | Mapping) -> dict:
     """Train as configured; resumes from the run folder's latest checkpoint when there is one."""
     import logging
     from tqdm import tqdm
@@ -383,50 +381,47 @@ def run(cfg) -> dict:
     logging.getLogger("absl").setLevel(logging.WARNING)   # orbax logs every save at INFO
 
     r = Run(cfg)
-    cfg, train = r.cfg, r.cfg["train"]
+    train = r.config.train
     main = jax.process_index() == 0
     os.makedirs(r.out_dir, exist_ok=True)
     if main:
         from omegaconf import OmegaConf
-        OmegaConf.save(OmegaConf.create(cfg), os.path.join(r.out_dir, "config.yaml"))
+        OmegaConf.save(OmegaConf.create(dict(r.config.raw)), os.path.join(r.out_dir, "config.yaml"))
     manager = ckpt.make_manager(os.path.join(r.out_dir, ckpt.CHECKPOINT_SUBDIR),
-                                keep=train.get("keep_checkpoints", 3),
-                                async_save=bool(train.get("async_checkpointing", True)))
-    resume = str(train.get("resume", "auto"))
+                                keep=train.keep_checkpoints, async_save=train.async_checkpointing)
     state = r.initial
     start = 0
-    if resume in ("auto", "must") and manager.latest_step() is not None:
+    if train.resume in ("auto", "must") and manager.latest_step() is not None:
         state = ckpt.restore_state(manager, state)
         start = int(state.step)
-    elif resume == "must":
+    elif train.resume == "must":
         raise FileNotFoundError(f"{r.out_dir}: no checkpoint to resume from")
-    elif resume not in ("auto", "never", "must"):
-        raise ValueError(f"train.resume must be auto, never or must, not {resume!r}")
     state = r.trainer.place_state(state)
     metrics_log = CsvLog(os.path.join(r.out_dir, "metrics.csv"), METRIC_FIELDS, start, main)
     val_log = CsvLog(os.path.join(r.out_dir, "validation.csv"), VALIDATION_FIELDS, start, main)
     meta = r.metadata()
-    val_every = int(r.val_cfg.get("every", 0) or 0)
+    val_every = r.val_cfg.every
     chunks = r.validation_set() if val_every else []
     mni = r.mni() if val_every else None
-    ckpt_every = int(train.get("checkpoint_every", 1000))
     rng = jax.random.wrap_key_data(jax.device_get(state.rng))
     if main:
         print(f"[train] {r.spec.name} ({r.spec.kind}): {r.n_train} training maps, "
               f"crop {list(r.data.gcfg.output_shape)} at {r.data.gcfg.atlas_res:g} mm, "
               f"batch {r.batch_size} on {r.trainer.n_devices} device(s), steps {start} -> "
               f"{r.total_steps}, run folder {r.out_dir}", flush=True)
-    bar = tqdm(total=r.total_steps, initial=start, disable=not main or train.get("quiet", False),
+    bar = tqdm(total=r.total_steps, initial=start, disable=not main or train.quiet,
                dynamic_ncols=True, file=sys.stdout, mininterval=1.0)
     last_val = {}
     loss = float("nan")
     t_run = time.perf_counter()
-    logged = state   # the state of the last step whose metrics are written: what Ctrl-C keeps
-    with stop_on_signals():
+    stop = StopRequest()
+    with stop.installed():
         try:
             for step in range(start, r.total_steps):
+                if stop:
+                    break
                 phase = r.phase(step)
-                if step == r.wl2_steps and step > 0 and phase == "dice" and train.get("reset_optimizer_after_wl2", True):
+                if step == r.wl2_steps and step > 0 and phase == "dice" and train.reset_optimizer_after_wl2:
                     # the original compiles a new model with a fresh Adam for the Dice phase
                     state = r.trainer.place_state(state.replace(opt_state=r.tx.init(state.params)))
                 t0 = time.perf_counter()
@@ -437,7 +432,7 @@ def run(cfg) -> dict:
                 if not np.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss} at step {step + 1} ({phase})")
                 metrics_log.write(step=step + 1, phase=phase, loss=loss, grad_norm=float(m["grad_norm"]),
-                                  seconds=seconds)
+                                  lr=float(r.lr(step)), seconds=seconds)
                 bar.set_postfix_str(f"{phase} loss {loss:.4f}" + "".join(
                     f" {k} {v:.3f}" for k, v in last_val.items()), refresh=False)
                 bar.update(1)
@@ -447,12 +442,14 @@ def run(cfg) -> dict:
                     val_log.write(step=done, phase=phase, **last_val)
                     if main:
                         plot_curves(r.out_dir)
-                logged = state
-                if done % ckpt_every == 0 or done == r.total_steps:
+                if done % train.checkpoint_every == 0 or done == r.total_steps:
                     ckpt.save(manager, state, meta)
         except KeyboardInterrupt:
             bar.close()
-            stop_cleanly(manager, logged, meta, r.out_dir, main)
+            stop_at_once(manager, r.out_dir, main)
+        if stop and int(jax.device_get(state.step)) < r.total_steps:
+            bar.close()
+            stop_cleanly(manager, state, meta, r.out_dir, main)
     bar.close()
     manager.wait_until_finished()
     manager.close()
@@ -460,12 +457,8 @@ def run(cfg) -> dict:
                "seconds": time.perf_counter() - t_run, **last_val}
     if main:
         plot_curves(r.out_dir)
-        if train.get("export_h5", True) and r.total_steps > start:
-            name = MODEL_FILES.get(r.spec.export, f"{r.spec.name}.h5")
-            if r.spec.export == "robust":
-                name = f"synthseg_robust_2.0_{r.spec.prefix}.h5"
-            path = os.path.join(r.out_dir, "export", name)
-            from synthseg_jax.weights.keras_h5 import save_keras_h5
+        if train.export_h5 and r.total_steps > start:
+            path = os.path.join(r.out_dir, "export", export_name(r))
             save_keras_h5(jax.device_get(state.inference_variables()), path)
             summary["export"] = path
         print(f"[train] done: {summary}", flush=True)

@@ -3,8 +3,8 @@
 * :class:`TrainState` -- step, params, BatchNorm statistics, optimiser state, the run's RNG key
   (everything a checkpoint needs for an exact resume) and, optionally, an exponential moving
   average of the params: the weights validation and export use;
-* :func:`make_optimizer` -- optax Adam (lr 1e-4 by default, Keras' ``decay`` as ``lr / (1 + d t)``),
-  with optional frozen layers for fine-tuning;
+* :func:`make_optimizer` -- optax Adam with Keras' defaults and a learning-rate schedule of the
+  run's global step (:func:`learning_rate`), with optional frozen layers for fine-tuning;
 * :func:`init_variables` -- Keras' initialisation (Glorot-uniform kernels, zero biases, unit BN
   scales) drawn with NumPy on the shapes of ``jax.eval_shape(module.init)``: exact and fast (a
   jitted ``init`` with dozens of initialisers compiles for tens of seconds on CPU);
@@ -106,15 +106,52 @@ def frozen_mask(params: Mapping, patterns: Sequence[str]) -> Any:
     return jax.tree_util.tree_map_with_path(mark, params)
 
 
-def make_optimizer(lr: float = 1e-4, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-7,
-                   decay: float = 0.0, freeze: Sequence[str] = (), params: Any = None,
-                   clip_norm: float | None = None) -> optax.GradientTransformation:
-    """optax Adam with Keras' defaults (epsilon 1e-7) and its time decay ``lr / (1 + decay t)``.
+def keras_time_decay(lr: float, decay: float) -> optax.Schedule:
+    """Keras' ``decay`` argument: ``lr / (1 + decay t)``."""
+    return lambda step: lr / (1.0 + decay * step)
+
+
+def learning_rate(name: str, lr: float, total_steps: int, decay: float = 0.0,
+                  warmup_steps: int = 0, end_lr: float = 0.0, boundaries: Sequence[int] = (),
+                  factor: float = 0.1) -> optax.Schedule:
+    """The learning-rate schedule ``name`` (``configs/optim/adam.yaml`` describes each) as a
+    function of the run's global step."""
+    if name == "constant":
+        return optax.constant_schedule(lr)
+    if name == "time_decay":
+        return keras_time_decay(lr, decay)
+    if name == "warmup_cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps, max(total_steps, warmup_steps + 1),
+                                                  end_lr)
+    if name == "step":
+        return optax.piecewise_constant_schedule(lr, {int(b): factor for b in boundaries})
+    raise ValueError(f"unknown learning-rate schedule {name!r}")
+
+
+def scale_by_global_step(schedule: optax.Schedule) -> optax.GradientTransformationExtraArgs:
+    """``-schedule(step) * updates`` with ``step`` the run's global step, given to ``update`` as
+    ``step=``. optax's own schedules count the updates of their transformation, which restart with
+    the fresh Adam of the Dice phase; the global step does not, and a resume restores it. No
+    state: a constant rate leaves the optimiser state as ``optax.adam(lr)``'s."""
+
+    def update(updates, state, params=None, *, step, **extra):
+        del params, extra
+        step_size = -schedule(step)
+        return jax.tree_util.tree_map(lambda g: step_size * g, updates), state
+
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(lr: float | optax.Schedule, b1: float = 0.9, b2: float = 0.999,
+                   eps: float = 1e-7, freeze: Sequence[str] = (), params: Any = None,
+                   clip_norm: float | None = None) -> optax.GradientTransformationExtraArgs:
+    """optax Adam with Keras' defaults (epsilon 1e-7); the rate (a number or a schedule of the
+    global step) needs ``update(..., step=global_step)``, as :class:`Trainer` passes it.
 
     ``freeze``: regexes of layer names (e.g. ``'_downarm_[0-2]_'``) whose parameters stay fixed.
     """
-    schedule = (lambda t: lr / (1.0 + decay * t)) if decay else lr
-    tx = optax.adam(schedule, b1=b1, b2=b2, eps=eps)
+    schedule = lr if callable(lr) else optax.constant_schedule(lr)
+    tx = optax.chain(optax.scale_by_adam(b1=b1, b2=b2, eps=eps), scale_by_global_step(schedule))
     if clip_norm:
         tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
     if freeze:
@@ -125,7 +162,7 @@ def make_optimizer(lr: float = 1e-4, b1: float = 0.9, b2: float = 0.999, eps: fl
             raise ValueError(f"no layer matches the freeze pattern(s) {list(freeze)}")
         labels = jax.tree_util.tree_map(lambda m: "frozen" if m else "train", mask)
         tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
-    return tx
+    return optax.with_extra_args_support(tx)
 
 
 def create_state(variables: Mapping, tx: optax.GradientTransformation, seed: int,
@@ -136,11 +173,6 @@ def create_state(variables: Mapping, tx: optax.GradientTransformation, seed: int
                       batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
                       rng=jax.random.key_data(jax.random.key(seed)),
                       ema_params=jax.tree_util.tree_map(jnp.array, params) if ema else None)
-
-
-def step_key(state_rng: jax.Array, step) -> jax.Array:
-    """The data key of step ``step`` (independent of how the run was interrupted)."""
-    return jax.random.fold_in(jax.random.wrap_key_data(state_rng), step)
 
 
 # --------------------------------------------------------------------------- the step
@@ -209,7 +241,7 @@ class Trainer:
             mask = frozen_mask(batch_stats, self.frozen_stats)
             batch_stats = jax.tree_util.tree_map(lambda m, new, old: old if m else new,
                                                  mask, batch_stats, state.batch_stats)
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params, step=state.step)
         params = optax.apply_updates(state.params, updates)
         ema = state.ema_params
         if ema is not None:

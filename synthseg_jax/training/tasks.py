@@ -39,8 +39,9 @@ import numpy as np
 
 from generator import labels as glab
 from generator import spatial
-from generator.sampler import (GeneratorConfig, build_params, load_label_maps, list_label_maps,
-                               resolve_path, sample_with_info)
+from generator.sampler import (GeneratorConfig, SamplerParams, build_params, list_label_maps,
+                               load_label_maps, output_values, resolve_path, sample_labels,
+                               sample_with_info)
 from synthseg_jax.nn.synthseg import QCRegressor, Segmenter
 from synthseg_jax.nn.unet import EncoderConfig, UNetConfig
 from synthseg_jax.training import losses
@@ -51,7 +52,6 @@ GROUP_TABLES = {"denoiser_2.0": "synthseg_denoiser_labels_2.0.npy",
                 "qc_2.0": "synthseg_qc_labels_2.0.npy",
                 "qc": "synthseg_qc_labels.npy"}
 SEGMENTATION_TABLE_2 = "synthseg_segmentation_labels_2.0.npy"
-SEGMENTATION_TABLE_1 = "synthseg_segmentation_labels.npy"
 PARCELLATION_TABLE = "synthseg_parcellation_labels.npy"
 CORTEX = (3, 42)
 
@@ -183,7 +183,7 @@ def group_values(priors_dir: str, table: str, segmentation_values: Sequence[int]
     return np.array([mapping.get(int(v), 0) for v in segmentation_values], np.int64)
 
 
-def target_values(gcfg: GeneratorConfig, labels: Any) -> np.ndarray:
+def target_values(params: SamplerParams, labels: Any) -> np.ndarray:
     """Target value of every generation label for a label spec ('2.0', 'denoiser_2.0', a list...).
 
     The group tables are mapped through the 2.0 segmentation labels rather than aligned directly
@@ -191,9 +191,8 @@ def target_values(gcfg: GeneratorConfig, labels: Any) -> np.ndarray:
     group instead of the background.
     """
     if isinstance(labels, str) and labels in GROUP_TABLES:
-        seg = np.asarray(build_params(gcfg.replace(output_labels="2.0")).output_values)
-        return group_values(gcfg.priors_dir, labels, seg)
-    return np.asarray(build_params(gcfg.replace(output_labels=labels)).output_values)
+        return group_values(params.config.priors_dir, labels, output_values(params, "2.0"))
+    return output_values(params, labels)
 
 
 def to_indices(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -251,10 +250,12 @@ class Task:
     indices; it is pure, so the loop vmaps and jits it.
     """
 
-    def __init__(self, spec: ModelSpec, gcfg: GeneratorConfig):
+    def __init__(self, spec: ModelSpec, params: SamplerParams):
+        """``params``: the generator's resolved tables for this task's label maps
+        (:attr:`TrainingData.params`)."""
         self.spec = spec
-        self.gcfg = gcfg.replace(target="indices")
-        self.gparams = build_params(self.gcfg)
+        self.gparams = params.with_config(target="indices")
+        self.gcfg = self.gparams.config
         self.voxel = float(self.gcfg.atlas_res)
         kind = spec.kind
         labels = spec.labels
@@ -262,12 +263,12 @@ class Task:
             labels = spec.groups
         elif kind == "second":
             labels = "2.0" if spec.labels in (None, "") else spec.labels
-        values = target_values(self.gcfg, labels) if kind != "parc" else \
+        values = target_values(self.gparams, labels) if kind != "parc" else \
             np.asarray(self.gparams.output_values)
         self.target_lut, self.target_labels = to_indices(values)
         self.n_outputs = len(self.target_labels)
         if kind in ("second", "denoiser"):
-            gvals = target_values(self.gcfg, spec.groups)
+            gvals = target_values(self.gparams, spec.groups)
             self.group_lut, groups = to_indices(gvals)
             self.n_groups = len(groups)
         n_channels = int(self.gcfg.n_channels)
@@ -287,22 +288,6 @@ class Task:
         return tuple(int(s) for s in self.gcfg.output_shape)
 
     # ---- data
-    def _deformed_labels(self, key: jax.Array, label_map: jax.Array) -> jax.Array:
-        """Deformed, cropped (and possibly flipped) generation-label indices, no image."""
-        g = self.gcfg
-        k_def, k_flip = jax.random.split(key)
-        shape = tuple(min(int(o), int(s)) for o, s in zip(g.output_shape, label_map.shape))
-        labels = spatial.deform_and_crop(
-            k_def, label_map, shape, scaling_bounds=g.scaling_bounds,
-            rotation_bounds=g.rotation_bounds, shearing_bounds=g.shearing_bounds,
-            translation_bounds=g.translation_bounds, nonlin_std=g.nonlin_std,
-            nonlin_scale=g.nonlin_scale, int_steps=g.nonlin_int_steps,
-            integration_factor=g.nonlin_integration_factor)
-        if g.flipping:
-            do_flip = jax.random.uniform(k_flip) < g.flip_prob
-            labels = glab.flip_lr(labels, do_flip, np.asarray(self.gparams.flip_lut, np.int32), 0)
-        return labels
-
     def sample(self, key: jax.Array, label_map: jax.Array) -> tuple[jax.Array, jax.Array]:
         """One ``(inputs, targets)`` pair from a label map of generation-label indices."""
         k_gen, k_extra = jax.random.split(key)
@@ -310,7 +295,7 @@ class Task:
         lut = jnp.asarray(self.target_lut)
         c = self.spec.corruption
         if kind in ("denoiser", "qc"):
-            target = lut[self._deformed_labels(k_gen, label_map).astype(jnp.int32)]
+            target = lut[sample_labels(k_gen, label_map, self.gparams).astype(jnp.int32)]
             k_cor, k_fov = jax.random.split(k_extra)
             noisy = corrupt_labels(k_cor, target, self.n_outputs, c, self.voxel,
                                    self.gcfg.nonlin_integration_factor)
@@ -393,14 +378,14 @@ def pseudo_parcellation(index_map: np.ndarray, left: int, right: int, n_parcels:
     return out
 
 
-def parcellation_generator_config(gcfg: GeneratorConfig) -> tuple[GeneratorConfig, np.ndarray, Any]:
+def parcellation_generator_config(base: SamplerParams) -> tuple[GeneratorConfig, np.ndarray, Any]:
     """The generator config of the parcellation task: the parcels become generation labels
     (sided, sharing the intensity class of their hemisphere's cortex) whose output values are the
     parcellation labels; everything else maps to 0.
 
     Returns ``(config, remap, parcels)`` where ``remap`` maps old generation indices to new ones and
     ``parcels(index_map) -> new index map`` converts a loaded map."""
-    base = build_params(gcfg)
+    gcfg = base.config
     gl = np.asarray(base.generation_labels)
     classes = np.asarray(base.class_of_label)
     n_neutral = base.n_neutral_labels
@@ -439,11 +424,15 @@ def parcellation_generator_config(gcfg: GeneratorConfig) -> tuple[GeneratorConfi
 
 @dataclasses.dataclass
 class TrainingData:
-    gcfg: GeneratorConfig        # generator config fitted to the data (atlas_res, parc labels)
+    params: SamplerParams        # the generator's tables fitted to the data (atlas_res, parc labels)
     train_maps: np.ndarray       # [N, X, Y, Z] generation-label indices
     val_maps: np.ndarray
     train_paths: tuple
     val_paths: tuple
+
+    @property
+    def gcfg(self) -> GeneratorConfig:
+        return self.params.config
 
 
 def _stem(path: str) -> str:
@@ -458,8 +447,9 @@ def load_training_data(spec: ModelSpec, gcfg: GeneratorConfig, held_out: Sequenc
                        max_maps: int | None = None, downsample: int = 1,
                        label_dir: str | None = None) -> TrainingData:
     """Read the label maps once (train / held-out split by file stem), optionally keep one voxel
-    in ``downsample`` along each axis (nearest), and adapt the generator config: ``atlas_res`` =
-    voxel size x ``downsample``; parcellation task: pseudo-parcels as extra generation labels."""
+    in ``downsample`` along each axis (nearest), and resolve the generator's tables once for them:
+    ``atlas_res`` = voxel size x ``downsample``; parcellation task: pseudo-parcels as extra
+    generation labels."""
     files = list_label_maps(label_dir or gcfg.label_dir)
     held = set(held_out or ())
     val_files = [f for f in files if _stem(f) in held]
@@ -472,10 +462,12 @@ def load_training_data(spec: ModelSpec, gcfg: GeneratorConfig, held_out: Sequenc
         train_files = train_files[: int(max_maps)]
     if not train_files:
         raise ValueError("no training label maps left after holding out the validation maps")
-    base_gl = build_params(gcfg).generation_labels
+    params = build_params(gcfg)
+    base_gl = params.generation_labels
     convert = None
     if spec.kind == "parc":
-        gcfg, _, convert = parcellation_generator_config(gcfg)
+        parc_cfg, _, convert = parcellation_generator_config(params)
+        params = build_params(parc_cfg)
     f = int(downsample)
 
     def read(paths):
@@ -491,6 +483,6 @@ def load_training_data(spec: ModelSpec, gcfg: GeneratorConfig, held_out: Sequenc
 
     train, voxel = read(train_files)
     val, _ = read(val_files)
-    gcfg = gcfg.replace(atlas_res=float(voxel) * f)
-    return TrainingData(gcfg=gcfg, train_maps=train, val_maps=val,
+    return TrainingData(params=params.with_config(atlas_res=float(voxel) * f),
+                        train_maps=train, val_maps=val,
                         train_paths=tuple(train_files), val_paths=tuple(val_files))

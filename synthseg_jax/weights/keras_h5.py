@@ -94,16 +94,18 @@ def _to_mutable(tree: Any) -> Any:
     return tree
 
 
-def load_keras_h5(path: str, variables: Mapping[str, Any]) -> dict[str, Any]:
+def load_keras_h5(path: str, variables: Mapping[str, Any], other_layers: bool = False
+                  ) -> dict[str, Any]:
     """Fill a Flax variables tree (from ``module.init``) with the weights of a Keras file.
 
     Strict both ways: a layer missing from the file, a weighted layer the network lacks, or a shape
-    that differs is an error naming the layer and the file.
+    that differs is an error naming the layer and the file. ``other_layers``: the file may also
+    hold other networks' layers (one stage of ``synthseg_robust_2.0.h5``, for fine-tuning).
     """
     file_layers = read_keras_h5(path)
     paths = keras_layer_paths(variables)
     extra = sorted(set(file_layers) - set(paths))
-    if extra:
+    if extra and not other_layers:
         raise WeightFileError(f"{path}: layer '{extra[0]}' is not part of this network"
                               + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
     loaded = _to_mutable(variables)

@@ -121,11 +121,15 @@ def test_bias_field_log_std_matches_sampled_std():
     assert np.corrcoef(emp, std)[0, 1] > 0.95
 
 
-def test_bias_field_probability():
+def test_bias_field_applied_where_asked():
     img = jnp.ones((8, 8, 8))
-    out = jax.jit(jax.vmap(lambda k: inten.apply_bias_field(k, img, 0.7, 0.25, 0.95)))(keys(3000, 7))
-    applied = np.any(np.abs(np.asarray(out) - 1) > 1e-6, axis=(1, 2, 3))
-    assert abs(applied.mean() - 0.95) < 0.015
+    ks = keys(200, 7)
+    apply = jax.vmap(lambda k: jax.random.uniform(k) < 0.5)(keys(200, 9))
+    out, std = jax.jit(jax.vmap(lambda k, a: inten.apply_bias_field(k, img, 0.7, 0.25, a)))(ks, apply)
+    changed = np.any(np.abs(np.asarray(out) - 1) > 1e-6, axis=(1, 2, 3))
+    np.testing.assert_array_equal(changed, np.asarray(apply) & (np.asarray(std) > 1e-6))
+    field, _, _ = jax.vmap(lambda k: inten.sample_bias_field(k, img.shape, 0.7, 0.25))(ks)
+    np.testing.assert_allclose(np.asarray(out)[changed], np.asarray(field)[changed], rtol=1e-6)
 
 
 def test_clip_normalise_gamma():

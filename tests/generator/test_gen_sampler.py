@@ -9,7 +9,7 @@ import pytest
 
 from generator import labels as lab
 from generator.sampler import (GeneratorConfig, LabelMapError, build_params, load_config, load_label_maps,
-                               make_sampler, sample, sample_with_info)
+                               make_sampler, output_values, sample, sample_labels, sample_with_info)
 
 from test_gen_common import MAPS, PRIORS, needs_data, small_label_map  # noqa: F401  (fixture)
 
@@ -40,6 +40,32 @@ def test_same_key_same_sample_and_outputs(small_label_map, default_params):
     assert a_tg.shape == OUT and a_tg.dtype == jnp.int32
     assert 0 <= float(a_im.min()) and float(a_im.max()) <= 1 + 1e-6
     assert set(np.unique(np.asarray(a_tg)).tolist()) <= set(p.segmentation_labels)
+
+
+@needs_data
+def test_sample_labels_are_the_labels_of_the_sample(small_label_map, default_params):
+    """The label half of the sampler: for a key, the deformed and flipped labels its image is
+    drawn from, so label-to-label training sees the generator's own geometry."""
+    lm, _ = small_label_map
+    for seed in (7, 8):
+        _, target, info = sample_with_info(jax.random.key(seed), jnp.asarray(lm), default_params)
+        labels = sample_labels(jax.random.key(seed), jnp.asarray(lm), default_params)
+        np.testing.assert_array_equal(labels, info['labels'])
+        np.testing.assert_array_equal(
+            np.asarray(default_params.output_values)[np.asarray(labels)], target)
+
+
+@needs_data
+def test_output_values_and_with_config(default_params):
+    """Another output table through the resolved labels equals building the params anew; other
+    sampling settings keep the tables; table keys are refused."""
+    for table in ('1.0', 'denoiser_2.0', None):
+        np.testing.assert_array_equal(output_values(default_params, table),
+                                      params_for(output_labels=table).output_values)
+    moved = default_params.with_config(atlas_res=2.0, target='indices')
+    assert moved == params_for(atlas_res=2.0, target='indices')
+    with pytest.raises(ValueError, match='output_labels change the label tables'):
+        default_params.with_config(output_labels='1.0')
 
 
 @needs_data
