@@ -32,7 +32,8 @@ def main(cfg: DictConfig) -> float:
     except ConfigError as err:
         sys.exit(f"train.py: {err}")
     except KeyboardInterrupt:
-        print("[train] interrupted before training started; nothing to save", flush=True)
+        print("[train] interrupted outside the training steps; the checkpoints written are kept",
+              flush=True)
         sys.exit(130)
     return float(summary.get("last_loss", float("nan")))
 

@@ -55,7 +55,7 @@ def measure(case: str, repeats: int) -> dict:
         run = lambda: jax.block_until_ready(fn(variables, x))  # noqa: E731
     else:
         y = rng.integers(0, labels, (1, size, size, size)).astype(np.int32)
-        tx = make_optimizer()
+        tx = make_optimizer(1e-4)
         trainer = Trainer(module, tx, lambda phase, out, tgt: segmentation_loss("dice", out, tgt))
         box = [trainer.place_state(create_state(variables, tx, seed=0))]
         x, y = trainer.place_batch(x), trainer.place_batch(y)

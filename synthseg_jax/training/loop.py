@@ -312,12 +312,14 @@ class StopRequest:
     way finishes, then the state of that last completed step is saved and the run exits with 130.
     Raising at the signal instead would abandon a step whose jitted call has already taken (donated)
     the previous state's buffers, leaving no complete state to save. A second signal stops at once,
-    keeping the checkpoints already written. SIGINT is set explicitly because a shell starts
-    background jobs with it ignored.
+    keeping the checkpoints already written. Once the run is saving and closing (``finishing``),
+    further signals are ignored: they would only break the save. SIGINT is set explicitly because
+    a shell starts background jobs with it ignored.
     """
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self.finishing = False
 
     def __bool__(self) -> bool:
         return self.signal is not None
@@ -335,6 +337,10 @@ class StopRequest:
                 signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
+        if self.finishing:
+            print(f"\n[train] {signal.Signals(signum).name}: already stopping, finishing the checkpoint",
+                  flush=True)
+            return
         if self.signal is not None:
             raise KeyboardInterrupt
         self.signal = signum
@@ -342,27 +348,21 @@ class StopRequest:
               f"(send it again to stop at once)", flush=True)
 
 
-def stop_cleanly(manager, state, meta: Mapping, out_dir: str, main: bool) -> None:
-    """Save ``state`` (the last completed step, its metrics written) unless its checkpoint exists,
-    let any save in flight finish, say how to go on, and exit with 130."""
-    step = int(jax.device_get(state.step))
-    if manager.latest_step() != step:
+def stop_run(manager, out_dir: str, main: bool, state=None, meta: Mapping | None = None) -> None:
+    """Exit with 130 after a signal, a save in flight finished first. ``state`` (the last
+    completed step, its metrics written) is saved unless its checkpoint exists; without one (a
+    second signal) the checkpoints already written are what is kept."""
+    if state is not None and manager.latest_step() != int(jax.device_get(state.step)):
         ckpt.save(manager, state, meta, force=True)
     manager.wait_until_finished()
+    latest = manager.latest_step()
     manager.close()
     if main:
-        print(f"[train] interrupted: checkpoint at step {step} in {out_dir}; "
-              f"the same command resumes from it", flush=True)
-    raise SystemExit(130)
-
-
-def stop_at_once(manager, out_dir: str, main: bool) -> None:
-    """A second signal: keep what is saved (a save in flight completes) and exit with 130."""
-    manager.wait_until_finished()
-    manager.close()
-    if main:
-        print(f"[train] stopped at once: the latest checkpoint is step {manager.latest_step()} "
-              f"in {out_dir}; the same command resumes from it", flush=True)
+        what = "interrupted: checkpoint at step" if state is not None else \
+            "stopped at once: the latest checkpoint is step"
+        then = f"stopped at once: no checkpoint yet in {out_dir}" if latest is None else \
+            f"{what} {latest} in {out_dir}; the same command resumes from it"
+        print(f"[train] {then}", flush=True)
     raise SystemExit(130)
 
 
@@ -374,7 +374,15 @@ def export_name(r: Run) -> str:
 
 
 def run(cfg: TrainConfig | Mapping) -> dict:
-    """Train as configured; resumes from the run folder's latest checkpoint when there is one."""
+    """Train as configured; resumes from the run folder's latest checkpoint when there is one.
+    SIGINT and SIGTERM are handled from the start (:class:`StopRequest`): one arriving while the
+    run is set up stops it before its first step."""
+    stop = StopRequest()
+    with stop.installed():
+        return _train(cfg, stop)
+
+
+def _train(cfg: TrainConfig | Mapping, stop: StopRequest) -> dict:
     import logging
     from tqdm import tqdm
 
@@ -414,42 +422,43 @@ def run(cfg: TrainConfig | Mapping) -> dict:
     last_val = {}
     loss = float("nan")
     t_run = time.perf_counter()
-    stop = StopRequest()
-    with stop.installed():
-        try:
-            for step in range(start, r.total_steps):
-                if stop:
-                    break
-                phase = r.phase(step)
-                if step == r.wl2_steps and step > 0 and phase == "dice" and train.reset_optimizer_after_wl2:
-                    # the original compiles a new model with a fresh Adam for the Dice phase
-                    state = r.trainer.place_state(state.replace(opt_state=r.tx.init(state.params)))
-                t0 = time.perf_counter()
-                inputs, targets = r.batch(step, rng)
-                state, m = r.trainer.step(phase, state, inputs, targets)
-                loss = float(m["loss"])
-                seconds = time.perf_counter() - t0
-                if not np.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss} at step {step + 1} ({phase})")
-                metrics_log.write(step=step + 1, phase=phase, loss=loss, grad_norm=float(m["grad_norm"]),
-                                  lr=float(r.lr(step)), seconds=seconds)
-                bar.set_postfix_str(f"{phase} loss {loss:.4f}" + "".join(
-                    f" {k} {v:.3f}" for k, v in last_val.items()), refresh=False)
-                bar.update(1)
-                done = step + 1
-                if val_every and (done % val_every == 0 or done == r.total_steps):
-                    last_val = r.validate(state.inference_variables(), chunks, mni)
-                    val_log.write(step=done, phase=phase, **last_val)
-                    if main:
-                        plot_curves(r.out_dir)
-                if done % train.checkpoint_every == 0 or done == r.total_steps:
-                    ckpt.save(manager, state, meta)
-        except KeyboardInterrupt:
-            bar.close()
-            stop_at_once(manager, r.out_dir, main)
-        if stop and int(jax.device_get(state.step)) < r.total_steps:
-            bar.close()
-            stop_cleanly(manager, state, meta, r.out_dir, main)
+    try:
+        for step in range(start, r.total_steps):
+            if stop:
+                break
+            phase = r.phase(step)
+            if step == r.wl2_steps and step > 0 and phase == "dice" and train.reset_optimizer_after_wl2:
+                # the original compiles a new model with a fresh Adam for the Dice phase
+                state = r.trainer.place_state(state.replace(opt_state=r.tx.init(state.params)))
+            t0 = time.perf_counter()
+            inputs, targets = r.batch(step, rng)
+            state, m = r.trainer.step(phase, state, inputs, targets)
+            loss = float(m["loss"])
+            seconds = time.perf_counter() - t0
+            if not np.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss} at step {step + 1} ({phase})")
+            metrics_log.write(step=step + 1, phase=phase, loss=loss, grad_norm=float(m["grad_norm"]),
+                              lr=float(r.lr(step)), seconds=seconds)
+            bar.set_postfix_str(f"{phase} loss {loss:.4f}" + "".join(
+                f" {k} {v:.3f}" for k, v in last_val.items()), refresh=False)
+            bar.update(1)
+            done = step + 1
+            if val_every and (done % val_every == 0 or done == r.total_steps):
+                last_val = r.validate(state.inference_variables(), chunks, mni)
+                val_log.write(step=done, phase=phase, **last_val)
+                if main:
+                    plot_curves(r.out_dir)
+            if done % train.checkpoint_every == 0 or done == r.total_steps:
+                ckpt.save(manager, state, meta)
+    except KeyboardInterrupt:
+        stop.finishing = True
+        bar.close()
+        stop_run(manager, r.out_dir, main)
+    if stop and int(jax.device_get(state.step)) < r.total_steps:
+        stop.finishing = True
+        bar.close()
+        nothing_done = manager.latest_step() is None and int(jax.device_get(state.step)) == 0
+        stop_run(manager, r.out_dir, main, *(() if nothing_done else (state, meta)))
     bar.close()
     manager.wait_until_finished()
     manager.close()

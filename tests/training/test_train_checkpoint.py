@@ -50,34 +50,50 @@ def test_resume_equals_uninterrupted(uninterrupted, tmp_path):
         np.testing.assert_array_equal(x, y)
 
 
-@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
-def test_interrupt_keeps_the_last_step_and_resumes(uninterrupted, tmp_path, monkeypatch, capsys, how):
-    """Ctrl-C, or a scheduler's SIGTERM, during step 3 exits with 130 and a message (no traceback),
-    with a checkpoint of step 2 although the cadence had none due; resuming gives the
-    uninterrupted run's losses."""
-    out = tmp_path / how
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+def test_a_signal_during_a_step_saves_that_step_and_resumes(uninterrupted, tmp_path, monkeypatch,
+                                                            capsys, sig):
+    """SIGINT or a scheduler's SIGTERM arriving during step 3 lets that step finish, then exits
+    with 130 and a message (no traceback), with a checkpoint of step 3 although the cadence had
+    none due; resuming gives the uninterrupted run's losses. (test_train_signals.py sends the
+    signals to a real train.py process.)"""
+    out = tmp_path / sig.name
     real_step = Trainer.step
     calls = []
 
-    def interrupted_at_third(self, *args):
+    def signalled_during_third(self, *args):
         calls.append(1)
         if len(calls) == 3:
-            if how == "ctrl-c":
-                raise KeyboardInterrupt
-            os.kill(os.getpid(), signal.SIGTERM)     # the handler raises before the next line
-            pytest.fail("SIGTERM did not interrupt the step")
+            os.kill(os.getpid(), sig)
         return real_step(self, *args)
 
-    monkeypatch.setattr(Trainer, "step", interrupted_at_third)
+    monkeypatch.setattr(Trainer, "step", signalled_during_third)
     with pytest.raises(SystemExit) as stop:
         run(tiny(out, "train.steps=4", "train.checkpoint_every=100"))
     assert stop.value.code == 130
-    assert "interrupted: checkpoint at step 2" in capsys.readouterr().out
-    assert sorted(os.listdir(out / "checkpoints")) == ["2"]
-    assert len(losses(out)) == 2
+    assert "interrupted: checkpoint at step 3" in capsys.readouterr().out
+    assert sorted(os.listdir(out / "checkpoints")) == ["3"]
+    assert len(losses(out)) == 3
     monkeypatch.setattr(Trainer, "step", real_step)
     run(tiny(out, "train.steps=4", "train.checkpoint_every=100"))
     assert losses(out) == losses(uninterrupted)
+
+
+def test_the_schedule_follows_the_global_step_across_the_dice_switch_and_a_resume(tmp_path):
+    """time_decay over 4 steps with the Dice phase from step 2 (a fresh Adam): the rate of step t
+    is lr / (1 + decay t) throughout, resumed or not, and the resumed run's losses are the same."""
+    sched = ["optim.schedule=time_decay", "optim.decay=0.5", "optim.lr=1e-3"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    run(tiny(full, "train.steps=4", *sched))
+    run(tiny(cut, "train.steps=3", *sched))
+    shutil.rmtree(cut / "checkpoints" / "3")
+    run(tiny(cut, "train.steps=4", *sched))
+    for folder in (full, cut):
+        with open(folder / "metrics.csv") as fh:
+            rates = [float(r["lr"]) for r in csv.DictReader(fh)]
+        np.testing.assert_allclose(rates, [1e-3 / (1 + 0.5 * t) for t in range(4)], rtol=1e-6)
+    assert losses(full) == losses(cut)
+    assert [p for _, p, _ in losses(full)] == ["wl2", "wl2", "dice", "dice"]
 
 
 def test_moving_average_is_saved_exported_and_resumed(uninterrupted, tmp_path):

@@ -3,7 +3,7 @@ process at several moments: during a step, during a validation, during a checkpo
 
 Each time the process must exit with 130 and leave a checkpoint at the last step it completed
 (the last row of ``metrics.csv``, whatever the checkpoint cadence), and the same command must
-resume from that checkpoint. One run folder goes through all the interruptions in turn, then
+resume from that checkpoint; a second signal stops at once, keeping the checkpoints written. One run folder goes through all the interruptions in turn, then
 runs to the end: its metrics cover every step once.
 """
 
@@ -95,6 +95,7 @@ def test_signals_at_any_moment_save_the_last_step_and_resume(tmp_path):
     wait_for(proc, lambda: any(s >= first_val and s % 5 == 0 and s not in rows(validation)
                                for s in rows(metrics)[-1:]), "a validation")
     last = interrupt(proc, signal.SIGTERM, out, last)
+    assert first_val in rows(validation)          # the validation under way was finished first
 
     # 3. SIGINT while an (asynchronous) checkpoint is being written
     proc = start(out, tmp_path, "train.steps=400", "train.checkpoint_every=3",
@@ -108,7 +109,23 @@ def test_signals_at_any_moment_save_the_last_step_and_resume(tmp_path):
     wait_for(proc, lambda: rows(metrics)[-1:] >= [last + 3], f"step {last + 3}")
     last = interrupt(proc, signal.SIGTERM, out, last)
 
-    # 5. the same command resumes from that checkpoint and runs to the end
+    # 5. a second signal stops at once, keeping the checkpoints already written: both arrive
+    #    while the first step is traced and compiled (20 s or more here)
+    proc = start(out, tmp_path, *long_run)
+    for line in proc.stdout:
+        if f"steps {last} -> 400" in line:
+            break
+    time.sleep(2.0)
+    assert rows(metrics)[-1] == last
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "Traceback" not in output, output[-3000:]
+    assert f"stopped at once: the latest checkpoint is step {last}" in output, output[-3000:]
+    assert checkpoints(out)[-1] == last
+
+    # 6. the same command resumes from that checkpoint and runs to the end
     proc = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "train.py"),
                            f"train.out_dir={out}", f"train.steps={last + 2}"] + BASE,
                           cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True,
