@@ -18,10 +18,10 @@ import typing
 from typing import Any, Literal, Mapping, Optional, Tuple
 
 from generator.sampler import GeneratorConfig
+from synthseg_jax.package_data import config_dir
 from synthseg_jax.training.tasks import ModelSpec
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), "configs")
+CONFIG_DIR = config_dir()
 SCHEDULES = ("constant", "time_decay", "warmup_cosine", "step")
 
 
