@@ -146,8 +146,8 @@ def ensure_directory(path: str) -> None:
 
 
 def check_writable(path: str) -> None:
-    """Fail early (``ScanError``) if ``path`` could not be written, without creating anything:
-    the nearest existing folder above it must be a writable folder, and ``path`` not a folder."""
+    """Fail early (``ScanError``) if ``path`` could not be written, leaving nothing behind: the
+    nearest existing folder above it must be a folder we can write in, and ``path`` not a folder."""
     path = os.path.abspath(path)
     if os.path.isdir(path):
         raise ScanError(f"{path}: is a folder, a file name is needed")
@@ -160,6 +160,21 @@ def check_writable(path: str) -> None:
         raise ScanError(f"{path}: cannot write, folder {parent} is not writable")
     if os.path.exists(path) and not os.access(path, os.W_OK):
         raise ScanError(f"{path}: cannot write, the file exists and is read-only")
+    _probe(parent, path, folder=parent != os.path.dirname(path))
+
+
+def _probe(parent: str, path: str, folder: bool) -> None:
+    """Create and remove a file (or, when folders are still to be made, a folder) in ``parent``:
+    permission bits do not tell everything (root, read-only mounts, /proc)."""
+    try:
+        if folder:
+            os.rmdir(tempfile.mkdtemp(prefix=".synthseg-probe.", dir=parent))
+        else:
+            fd, tmp = tempfile.mkstemp(prefix=".synthseg-probe.", dir=parent)
+            os.close(fd)
+            os.unlink(tmp)
+    except OSError as err:
+        raise ScanError(f"{path}: cannot write in {parent} ({err.strerror or err})") from None
 
 
 class AtomicWriter:

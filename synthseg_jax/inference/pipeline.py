@@ -28,9 +28,9 @@ from synthseg_jax.inference.csv_files import (
 )
 from synthseg_jax.inference.options import PredictOptions, UsageError
 from synthseg_jax.inference.outputs import OUTPUT_KINDS, ScanResult, write_content
-from synthseg_jax.inference.planning import Job, plan_outputs, resolve_dirs
+from synthseg_jax.inference.planning import Job, check_outputs, plan_outputs, resolve_dirs
 from synthseg_jax.inference.preprocess import preprocess
-from synthseg_jax.scans import AtomicWriter, ScanError, check_writable, load_scan
+from synthseg_jax.scans import AtomicWriter, ScanError, load_scan
 
 log = logging.getLogger("synthseg_jax.inference")
 
@@ -70,6 +70,7 @@ class Runner:
         except ValueError as err:
             raise UsageError(str(err)) from None
         self.plan = plan_outputs(opts)
+        check_outputs(self.plan)
         models_dir, labels_dir = resolve_dirs(opts)
         conv_dtype = "bfloat16" if opts.precision == "bf16" else "float32"
         self.networks = load_networks(models_dir, self.mode, labels_dir, conv_dtype)
@@ -80,11 +81,6 @@ class Runner:
                         for key, kind in OUTPUT_KINDS.items() if kind.scope == "table"}
         self.batch_tables = {key: CsvTable(path, self.columns[key])
                              for key, path in self.plan.tables.items()}
-        for table in self.batch_tables.values():
-            try:
-                check_writable(table.path)
-            except ScanError as err:
-                raise UsageError(str(err)) from None
 
     def say(self, message: str, err: bool = False) -> None:
         from tqdm import tqdm
@@ -114,11 +110,6 @@ class Runner:
         lap("read")
         if scan.n_channels > 1:
             self.say(f"WARNING: {job.image}: {scan.n_channels} channels, only the first is used", err=True)
-        for key, path in job.paths.items():
-            check_writable(path)
-            form = OUTPUT_KINDS[key].form
-            if form.strict and not form.matches(path):
-                raise ScanError(f"{path}: output needs a {form.description} extension")
         prep = preprocess(scan, crop=self.opts.crop, ct=self.opts.ct, min_pad=self.opts.min_pad)
         lap("preprocess")
         posteriors = any(OUTPUT_KINDS[key].needs_posteriors for key in job.paths)

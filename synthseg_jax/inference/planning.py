@@ -18,7 +18,7 @@ import os
 from synthseg_jax.inference.options import PredictOptions, UsageError
 from synthseg_jax.inference.outputs import OUTPUT_KINDS, OutputKind
 from synthseg_jax.package_data import default_models_dir, label_tables_dir
-from synthseg_jax.scans import image_extension, strip_image_extension
+from synthseg_jax.scans import ScanError, check_writable, image_extension, strip_image_extension
 
 LABEL_FILE = "synthseg_segmentation_labels_2.0.npy"
 MODELS_ENV = "SYNTHSEG_JAX_MODELS"
@@ -136,6 +136,28 @@ def _plan_lists(src: str, given: dict[str, str]) -> Plan:
                 paths={key: os.path.abspath(paths[n]) for key, paths in lists.items()})
             for n, image in enumerate(images)]
     return Plan(jobs=jobs)
+
+
+def check_outputs(plan: Plan) -> None:
+    """Refuse, before any scan is read, an output that cannot be written, lacks its kind's
+    extension, is one of the run's inputs (it would overwrite the scan) or is given twice."""
+    inputs = {os.path.realpath(job.image) for job in plan.jobs}
+    seen: dict[str, str] = {}
+    outputs = [(key, path) for job in plan.jobs for key, path in job.paths.items()]
+    for key, path in outputs + list(plan.tables.items()):
+        form = OUTPUT_KINDS[key].form
+        if form.strict and not form.matches(path):
+            raise UsageError(f"{path}: {key} needs a {form.description} extension")
+        real = os.path.realpath(path)
+        if real in inputs:
+            raise UsageError(f"{path}: {key} is an input scan of this run; it would be overwritten")
+        if real in seen:
+            raise UsageError(f"{path}: given for both {seen[real]} and {key}")
+        seen[real] = key
+        try:
+            check_writable(path)
+        except ScanError as err:
+            raise UsageError(str(err)) from None
 
 
 def resolve_dirs(opts: PredictOptions) -> tuple[str, str]:

@@ -39,7 +39,6 @@ from synthseg_jax.training.tasks import ModelSpec, Task, load_training_data
 from synthseg_jax.training.validation import load_mni, mask_dice
 from synthseg_jax.weights.keras_h5 import (BATCHNORM_WEIGHTS, CONV_WEIGHTS, WeightFileError,
                                            keras_layer_paths, read_keras_h5)
-from synthseg_jax.weights.models_dir import MODEL_FILES
 
 METRIC_FIELDS = ("step", "phase", "loss", "grad_norm", "seconds")
 VALIDATION_FIELDS = ("step", "phase", "synthetic", "mni_wm", "mni_gm")
@@ -461,13 +460,8 @@ def run(cfg) -> dict:
     if main:
         plot_curves(r.out_dir)
         if train.get("export_h5", True) and r.total_steps > start:
-            name = MODEL_FILES.get(r.spec.export, f"{r.spec.name}.h5")
-            if r.spec.export == "robust":
-                name = f"synthseg_robust_2.0_{r.spec.prefix}.h5"
-            path = os.path.join(r.out_dir, "export", name)
-            from synthseg_jax.weights.keras_h5 import save_keras_h5
-            save_keras_h5(jax.device_get(state.inference_variables()), path)
-            summary["export"] = path
+            summary["export"] = ckpt.export_trained(jax.device_get(state.inference_variables()),
+                                                    meta, os.path.join(r.out_dir, "export"))
         print(f"[train] done: {summary}", flush=True)
     return summary
 

@@ -167,3 +167,41 @@ def test_failure_while_writing_leaves_no_partial_output(tmp_path, dirs, monkeypa
                                 vol=str(out / "v.csv"), overlay=str(out / "o.png"), fast=True, **dirs)
     check_failure(code, stdout, stderr, src, "OSError: disk full")
     assert os.listdir(out) == []  # the folder was made for the temporaries, which are gone
+
+
+def test_every_output_is_checked_before_any_scan_is_read(tmp_path, dirs, monkeypatch):
+    """An unwritable output of the last scan of a batch used to be found after the earlier scans
+    had run (a minute each at full size): now nothing is read (issue 19, item 7)."""
+    from synthseg_jax.inference import pipeline
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    images = [nifti(folder / f"s{n}.nii.gz", good_data(seed=n)) for n in range(2)]
+    (tmp_path / "in.txt").write_text("\n".join(images) + "\n")
+    (tmp_path / "segs.txt").write_text(f"{tmp_path}/a.nii.gz\n/proc/x/seg.nii.gz\n")
+    read = []
+    real_load = pipeline.load_scan
+    monkeypatch.setattr(pipeline, "load_scan", lambda path: read.append(path) or real_load(path))
+    code, stdout, stderr = call(i=str(tmp_path / "in.txt"), o=str(tmp_path / "segs.txt"), **dirs)
+    check_failure(code, stdout, stderr, "/proc/x/seg.nii.gz", "cannot write")
+    assert read == [] and not (tmp_path / "a.nii.gz").exists()
+
+
+@pytest.mark.parametrize("case", ["o-is-i", "post-is-i", "o-is-another-input", "o-is-post"])
+def test_output_that_is_an_input_or_another_output_is_refused(tmp_path, dirs, case):
+    """o=i overwrote the scan with its segmentation (issue 19, item 8)."""
+    images = [nifti(tmp_path / f"s{n}.nii.gz", good_data(seed=n)) for n in range(2)]
+    before = [open(p, "rb").read() for p in images]
+    other = str(tmp_path / "other.nii.gz")
+    i, o, post = {"o-is-i": (images[0], images[0], None), "post-is-i": (images[0], other, images[0]),
+                  "o-is-another-input": (None, images[1], other), "o-is-post": (images[0], other, other)
+                  }[case]
+    if i is None:   # a list whose second output is its first... a scan of the same batch
+        (tmp_path / "in.txt").write_text("\n".join(images))
+        (tmp_path / "o.txt").write_text(f"{other}\n{images[0]}\n")
+        i, o, post = str(tmp_path / "in.txt"), str(tmp_path / "o.txt"), None
+    code, stdout, stderr = call(i=i, o=o, **({"post": post} if post else {}), **dirs)
+    expected = "given for both" if case == "o-is-post" else "is an input scan of this run"
+    check_failure(code, stdout, stderr, expected)
+    assert [open(p, "rb").read() for p in images] == before
+    assert not os.path.exists(other)
