@@ -64,11 +64,8 @@ class Runner:
         self.opts = opts
         self.stdout = stdout or sys.stdout
         self.stderr = stderr or sys.stderr
-        try:
-            self.mode = Mode(robust=opts.robust, fast=opts.fast, v1=opts.v1, parc=opts.parc,
-                             qc=opts.output("qc") is not None)
-        except ValueError as err:
-            raise UsageError(str(err)) from None
+        self.mode = Mode(robust=opts.robust, fast=opts.fast, v1=opts.v1, parc=opts.parc,
+                         qc=opts.output("qc") is not None)
         self.plan = plan_outputs(opts)
         check_outputs(self.plan)
         models_dir, labels_dir = resolve_dirs(opts)
