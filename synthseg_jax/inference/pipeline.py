@@ -107,6 +107,9 @@ class Runner:
         lap("read")
         if scan.n_channels > 1:
             self.say(f"WARNING: {job.image}: {scan.n_channels} channels, only the first is used", err=True)
+        if scan.non_finite:
+            self.say(f"WARNING: {job.image}: {scan.non_finite} NaN or infinite voxel(s) taken as "
+                     f"background", err=True)
         prep = preprocess(scan, crop=self.opts.crop, ct=self.opts.ct, min_pad=self.opts.min_pad)
         lap("preprocess")
         posteriors = any(OUTPUT_KINDS[key].needs_posteriors for key in job.paths)
@@ -131,6 +134,9 @@ class Runner:
             qc_scores=format_qc(net.qc_scores) if net.qc_scores is not None else None)
         lap("geometry")
 
+        if not np.any(seg):
+            self.say(f"WARNING: {job.image}: the segmentation is empty (no structure found); is "
+                     f"this a brain scan, with the whole head in the field of view?", err=True)
         notes, rows = self._write(job, result)
         lap("write")
         for key, row in rows.items():

@@ -65,16 +65,14 @@ def bad_scan(tmp_path, kind):
         return nifti(path, good_data((30, 28))), "a 3-D scan is needed"
     if kind == "5d":
         return nifti(path, good_data((20, 20, 20, 2, 3))), "5 dimensions"
-    if kind == "nan":
-        data = good_data()
-        data[5:7, 5, 5] = np.nan
-        return nifti(path, data), "2 NaN or infinite"
+    if kind == "all-nan":
+        return nifti(path, np.full((28, 30, 26), np.nan, np.float32)), "only NaN or infinite"
     if kind == "zero":
         return nifti(path, np.zeros((28, 30, 26), np.float32)), "all zero"
     raise ValueError(kind)
 
 
-@pytest.mark.parametrize("kind", ["missing", "corrupt", "truncated", "2d", "5d", "nan", "zero"])
+@pytest.mark.parametrize("kind", ["missing", "corrupt", "truncated", "2d", "5d", "all-nan", "zero"])
 def test_bad_scan(tmp_path, dirs, kind):
     src, problem = bad_scan(tmp_path, kind)
     out = tmp_path / "out"
@@ -205,3 +203,27 @@ def test_output_that_is_an_input_or_another_output_is_refused(tmp_path, dirs, ca
     check_failure(code, stdout, stderr, expected)
     assert [open(p, "rb").read() for p in images] == before
     assert not os.path.exists(other)
+
+
+def test_nan_voxels_are_background_with_a_warning(tmp_path, dirs):
+    """A NaN outside the brain refused the whole scan (issue 19, item 9)."""
+    data = good_data()
+    data[:3] = np.nan
+    data[5:7, 5, 5] = np.inf
+    src = nifti(tmp_path / "s.nii.gz", data)
+    code, stdout, stderr = call(i=src, o=str(tmp_path / "o.nii.gz"), **dirs)
+    assert code == 0, stderr
+    assert f"WARNING: {src}: {3 * 30 * 26 + 2} NaN or infinite voxel(s) taken as background" in stderr
+    assert os.path.isfile(tmp_path / "o.nii.gz")
+
+
+def test_empty_segmentation_warns(tmp_path, labels_dir):
+    """An 8^3 image gave an empty segmentation and exit 0 without a word (issue 19, item 9); with
+    the shipped model, one bright voxel in an 8^3 image is such a case."""
+    data = np.zeros((8, 8, 8), np.float32)
+    data[4, 4, 4] = 1
+    src = nifti(tmp_path / "tiny.nii.gz", data)
+    code, stdout, stderr = call(i=src, o=str(tmp_path / "o.nii.gz"), labels_dir=labels_dir)
+    assert code == 0, stderr
+    assert not np.any(nib.load(tmp_path / "o.nii.gz").get_fdata())
+    assert f"WARNING: {src}: the segmentation is empty" in stderr
