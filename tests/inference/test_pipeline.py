@@ -123,6 +123,22 @@ def test_txt_lists_with_per_scan_csv(tmp_path, models_dir, labels_dir, tables_v1
     assert "total intracranial" not in rows[0]
 
 
+def test_txt_list_with_one_cohort_csv(tmp_path, models_dir, labels_dir, tables):
+    """predict.yaml promised one volumes CSV for a .txt list; it was refused (issue 19, item 9)."""
+    a = make_scan(tmp_path / "a.nii.gz", seed=3)
+    b = make_scan(tmp_path / "b.nii.gz", seed=4)
+    (tmp_path / "in.txt").write_text(f"{a}\n{b}\n")
+    (tmp_path / "out.txt").write_text(f"{tmp_path}/o/a_seg.nii.gz\n{tmp_path}/o/b_seg.nii.gz\n")
+    code, stdout, stderr = call(dict(i=str(tmp_path / "in.txt"), o=str(tmp_path / "out.txt"),
+                                     vol=str(tmp_path / "cohort"), models_dir=models_dir,
+                                     labels_dir=labels_dir))
+    assert code == 0, stderr
+    rows = read_csv(tmp_path / "cohort.csv")
+    assert rows[0][1:] == volume_columns(tables, parc=False)
+    assert [row[0] for row in rows[1:]] == ["a", "b"]
+    assert f"volumes in {tmp_path}/cohort.csv" in stdout
+
+
 def test_anisotropic_oblique_scan_with_crop_and_keepgeom(tmp_path, models_dir, labels_dir, tables):
     aff = np.array([[0, 0, -3.0, 40], [-1.0, 0, 0, 10], [0, 1.0, 0, -20], [0, 0, 0, 1]])
     src = make_scan(tmp_path / "aniso.nii.gz", shape=(30, 36, 12), affine=aff, seed=5)
