@@ -33,6 +33,7 @@ from synthseg_jax.inference.preprocess import preprocess
 from synthseg_jax.scans import AtomicWriter, ScanError, load_scan
 
 log = logging.getLogger("synthseg_jax.inference")
+INTERRUPTED = 130   # the shell's exit status for Ctrl-C (128 + SIGINT)
 
 
 @dataclasses.dataclass
@@ -218,7 +219,7 @@ class Runner:
 def run(opts: PredictOptions | Mapping[str, Any], stdout: TextIO | None = None,
         stderr: TextIO | None = None) -> int:
     """Run a batch; returns the exit code: 0 if every scan was segmented, 1 otherwise (also when
-    the run cannot start: bad options, missing models; then nothing is written)."""
+    the run cannot start: bad options, missing models; then nothing is written), 130 on Ctrl-C."""
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
     try:
@@ -226,10 +227,16 @@ def run(opts: PredictOptions | Mapping[str, Any], stdout: TextIO | None = None,
             opts = PredictOptions.from_mapping(opts)
         runner = Runner(opts, stdout=stdout, stderr=stderr)
     except KeyboardInterrupt:
-        raise
+        print("ERROR interrupted before any scan was segmented", file=stderr)
+        return INTERRUPTED
     except Exception as err:
         print(f"ERROR {_one_line(err)}", file=stderr)
         return 1
     precision = ", bfloat16 convolution products" if opts.precision == "bf16" else ""
     print(runner.mode.describe() + precision, file=stdout)
-    return runner.run().exit_code
+    try:
+        return runner.run().exit_code
+    except KeyboardInterrupt:   # the scan in progress wrote nothing (AtomicWriter)
+        print("ERROR interrupted; the scans finished before it are written, the one in progress "
+              "left no output", file=stderr)
+        return INTERRUPTED

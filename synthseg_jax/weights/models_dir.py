@@ -164,7 +164,9 @@ class ModelsDir:
             raise ValueError(f"unknown network kind {kind!r}; expected one of {sorted(MODEL_FILES)}")
         path = os.path.join(self.path, MODEL_FILES[kind])
         if not os.path.isfile(path):
-            raise WeightFileError(f"{path}: weight file missing from the models folder")
+            raise WeightFileError(f"{path}: weight file missing from the models folder {self.path}; "
+                                  f"point models_dir=... (--models_dir) at a folder that has it, "
+                                  f"e.g. $FREESURFER_HOME/models")
         return path
 
     def labels(self, version: str = "2.0") -> LabelTables:

@@ -135,7 +135,8 @@ def test_models_dir_lacking_a_file(tmp_path, dirs, missing):
     code, stdout, stderr = call(i=src, o=str(tmp_path / "out" / "s.nii.gz"), vol=str(tmp_path / "v.csv"),
                                 parc=True, qc=str(tmp_path / "q.csv"), models_dir=str(models),
                                 labels_dir=dirs["labels_dir"])
-    check_failure(code, stdout, stderr, str(models / missing), "missing")
+    check_failure(code, stdout, stderr, str(models / missing),
+                  f"missing from the models folder {models}; point models_dir=")
     assert sorted(os.listdir(tmp_path)) == ["models", "s.nii.gz"]
 
 
@@ -227,3 +228,44 @@ def test_empty_segmentation_warns(tmp_path, labels_dir):
     assert code == 0, stderr
     assert not np.any(nib.load(tmp_path / "o.nii.gz").get_fdata())
     assert f"WARNING: {src}: the segmentation is empty" in stderr
+
+
+@pytest.mark.parametrize("entry", ["hydra", "flags"])
+def test_ctrl_c_during_prediction_is_one_line(tmp_path, dirs, entry):
+    """Ctrl-C printed a KeyboardInterrupt traceback (issue 19, item 9): a real process, a real
+    SIGINT in the middle of a batch; the scans done are kept, the one in progress left nothing."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for n in range(40):
+        nifti(folder / f"s{n:02d}.nii.gz", good_data((40, 44, 36), seed=n))
+    out = tmp_path / "out"
+    if entry == "hydra":
+        repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        cmd = [sys.executable, os.path.join(repo, "predict.py"), f"i={folder}", f"o={out}",
+               "device=cpu", "progress=false", f"models_dir={dirs['models_dir']}",
+               f"labels_dir={dirs['labels_dir']}"]
+    else:
+        cmd = [os.path.join(os.path.dirname(sys.executable), "mri_synthseg_jax"), "--i", str(folder),
+               "--o", str(out), "--cpu", "--no-progress", "--models_dir", dirs["models_dir"],
+               "--labels_dir", dirs["labels_dir"]]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=tmp_path)
+    deadline = time.monotonic() + 300
+    while not (out.is_dir() and any(not f.startswith(".") for f in os.listdir(out))):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stdout + stderr and "KeyboardInterrupt" not in stderr
+    errors = error_lines(stderr)
+    assert errors == ["ERROR interrupted; the scans finished before it are written, the one in "
+                      "progress left no output"], stderr
+    written = os.listdir(out)
+    assert written and all(not f.startswith(".") for f in written)   # no temporaries left
+    assert len(written) < 40
