@@ -132,3 +132,23 @@ def test_gpu_requested_without_one(tmp_path, entry):
         'ERROR device=gpu: no GPU is visible to JAX; install JAX\'s CUDA build (pip install -U '
         '"jax[cuda12]", see https://docs.jax.dev/en/latest/installation.html), or use device=cpu']
     assert sorted(os.listdir(tmp_path)) == ["s.nii.gz"]
+
+
+def test_hydra_paths_with_special_characters(tmp_path):
+    """An unquoted path with , ( ) or = got Hydra's six-line parse error (issue 19, item 9): one
+    line saying how to quote it; quoted or escaped, the path reaches the program as it is."""
+    src = small_scan(tmp_path / "a,b(1)=x.nii.gz")
+    predict = [sys.executable, os.path.join(REPO, "predict.py")]
+    proc = subprocess.run(predict + [f"i={src}", "o=o.nii.gz"], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"ERROR i: a path with , ( ) or = must be quoted for Hydra, e.g. \"i='{src}'\" "
+        "(or use mri_synthseg_jax --i)"]
+    escaped = src.replace(",", "\\,").replace("(", "\\(").replace(")", "\\)").replace("=", "\\=")
+    for given in (f"i='{src}'", f"i={escaped}"):
+        # the path is read (and found): the run goes on to the options check after it
+        proc = subprocess.run(predict + [given, "o=o.nii.gz", "threads=-1"], capture_output=True,
+                              text=True, timeout=300, cwd=tmp_path)
+        assert proc.stderr.strip().splitlines() == [
+            "ERROR threads: expected a number of threads, or 0 for all cores, got -1"], given
