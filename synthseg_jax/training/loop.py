@@ -8,7 +8,8 @@ Files written in the run folder (the Hydra output folder unless ``train.out_dir`
 ``metrics.csv``        one row per step: step, phase, loss, gradient norm, seconds
 ``validation.csv``     one row per validation: step, phase, synthetic Dice (or QC error), MNI Dice
 ``curves.png``         loss and validation curves
-``export/<file>.h5``   the final weights in Keras' layout (``synthseg_2.0.h5`` etc.)
+``export/``            a models folder: the final weights in Keras' layout (``synthseg_2.0.h5``
+                       etc.), ``architecture.json`` and the label tables
 
 Scalars go to CSV rather than TensorBoard event files: writing event files needs TensorFlow or
 tensorboardX (protobuf) in an environment that otherwise has neither, while a CSV is appended
