@@ -7,6 +7,7 @@ wherever the package is installed:
 The same pipeline is installed as ``mri_synthseg_jax``, which takes mri_synthseg's own flags.
 """
 
+import re
 import sys
 
 import hydra
@@ -23,10 +24,28 @@ def main() -> None:
             if "=" in arg and not arg.startswith("-")]
     try:
         check_keys(k for k in keys if not k.startswith(("hydra.", "hydra/")))
+        check_path_quoting(sys.argv[1:])
     except UsageError as err:
         print(f"ERROR {err}", file=sys.stderr)
         sys.exit(1)
     predict()
+
+
+HYDRA_SPECIAL = re.compile(r"(?<!\\)[,()=]")   # not escaped with a backslash
+
+
+def check_path_quoting(args: list[str]) -> None:
+    """Hydra reads ``,`` as a sweep and ``(``, ``)``, ``=`` as grammar: a path holding one must be
+    quoted (``"i='/data/a,b.nii.gz'"``); say so in one line rather than in Hydra's six."""
+    from synthseg_jax.inference.options import UsageError
+    from synthseg_jax.inference.outputs import OUTPUT_KINDS
+
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if (key in ("i", "models_dir", "labels_dir", *OUTPUT_KINDS) and HYDRA_SPECIAL.search(value)
+                and value[:1] not in "'\""):
+            raise UsageError(f"{key}: a path with , ( ) or = must be quoted for Hydra, e.g. "
+                             f"\"{key}='{value}'\" (or use mri_synthseg_jax --{key})")
 
 
 @hydra.main(version_base=None, config_path=config_dir(), config_name="predict")

@@ -5,6 +5,9 @@ Semantics follow what ``mri_synthseg`` does to an input (see REFERENCE.md):
 
 * a scan is squeezed; 3-D is the normal case, 4-D keeps its first channel (with a warning); fewer
   than 3 or more than 4 dimensions is an error;
+* NaN or infinite voxels (outside the brain of masked or SPM-normalised images) become background,
+  the lowest finite value (with a warning giving their number); an image with no finite value is
+  an error;
 * every file is written to a temporary name in the destination folder and renamed into place, so a
   failed run never leaves a half-written output.
 """
@@ -50,6 +53,7 @@ class Scan:
     header: nib.spatialimages.SpatialHeader
     zooms: np.ndarray         # voxel sizes from the header (what decides resampling)
     n_channels: int = 1
+    non_finite: int = 0       # NaN/inf voxels (masked, SPM-normalised images) set to background
 
 
 def _one_line(err: BaseException) -> str:
@@ -83,10 +87,14 @@ def load_scan(path: str, check_values: bool = True) -> Scan:
     elif data.ndim > 3:
         raise ScanError(f"{path}: image has {data.ndim} dimensions (shape {tuple(img.shape)}); "
                         f"a 3-D scan (or 4-D with one frame) is needed")
+    non_finite = 0
     if check_values:
-        if not np.all(np.isfinite(data)):
-            bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
-            raise ScanError(f"{path}: image contains {bad} NaN or infinite voxel value(s)")
+        finite = np.isfinite(data)
+        if not finite.all():
+            if not finite.any():
+                raise ScanError(f"{path}: image contains only NaN or infinite values; nothing to segment")
+            non_finite = int(finite.size - np.count_nonzero(finite))
+            data = np.where(finite, data, data[finite].min())
         if data.size == 0 or float(data.max()) == float(data.min()):
             value = float(data.flat[0]) if data.size else 0.0
             what = "all zero" if value == 0 else f"constant ({value:g})"
@@ -96,7 +104,7 @@ def load_scan(path: str, check_values: bool = True) -> Scan:
         raise ScanError(f"{path}: the image's affine (voxel-to-world matrix) is singular or invalid")
     zooms = np.asarray(img.header.get_zooms()[:3], dtype=np.float64)
     return Scan(path=path, data=data, affine=affine, header=img.header, zooms=zooms,
-                n_channels=n_channels)
+                n_channels=n_channels, non_finite=non_finite)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -146,8 +154,8 @@ def ensure_directory(path: str) -> None:
 
 
 def check_writable(path: str) -> None:
-    """Fail early (``ScanError``) if ``path`` could not be written, without creating anything:
-    the nearest existing folder above it must be a writable folder, and ``path`` not a folder."""
+    """Fail early (``ScanError``) if ``path`` could not be written, leaving nothing behind: the
+    nearest existing folder above it must be a folder we can write in, and ``path`` not a folder."""
     path = os.path.abspath(path)
     if os.path.isdir(path):
         raise ScanError(f"{path}: is a folder, a file name is needed")
@@ -160,6 +168,21 @@ def check_writable(path: str) -> None:
         raise ScanError(f"{path}: cannot write, folder {parent} is not writable")
     if os.path.exists(path) and not os.access(path, os.W_OK):
         raise ScanError(f"{path}: cannot write, the file exists and is read-only")
+    _probe(parent, path, folder=parent != os.path.dirname(path))
+
+
+def _probe(parent: str, path: str, folder: bool) -> None:
+    """Create and remove a file (or, when folders are still to be made, a folder) in ``parent``:
+    permission bits do not tell everything (root, read-only mounts, /proc)."""
+    try:
+        if folder:
+            os.rmdir(tempfile.mkdtemp(prefix=".synthseg-probe.", dir=parent))
+        else:
+            fd, tmp = tempfile.mkstemp(prefix=".synthseg-probe.", dir=parent)
+            os.close(fd)
+            os.unlink(tmp)
+    except OSError as err:
+        raise ScanError(f"{path}: cannot write in {parent} ({err.strerror or err})") from None
 
 
 class AtomicWriter:

@@ -79,11 +79,22 @@ def test_load_scan_rejects_wrong_dimensions(tmp_path, shape, match):
     assert path in str(info.value) and "\n" not in str(info.value)
 
 
+def test_non_finite_voxels_become_background(tmp_path):
+    """Masked and SPM-normalised images carry NaN outside the brain (issue 19, item 9)."""
+    data = np.random.default_rng(0).uniform(5, 10, size=(6, 7, 8)).astype(np.float32)
+    data[1, 2, 3] = np.nan
+    data[0, 0, :2] = [np.inf, -np.inf]
+    scan = load_scan(write_nifti(tmp_path / "nan.nii.gz", data))
+    assert scan.non_finite == 3
+    finite = np.isfinite(data)
+    np.testing.assert_array_equal(scan.data[finite], data[finite])
+    assert np.all(scan.data[~finite] == data[finite].min())
+
+
 def test_load_scan_rejects_bad_values_and_files(tmp_path):
     data = np.random.default_rng(0).normal(size=(6, 7, 8)).astype(np.float32)
-    data[1, 2, 3] = np.nan
-    with pytest.raises(ScanError, match="NaN"):
-        load_scan(write_nifti(tmp_path / "nan.nii.gz", data))
+    with pytest.raises(ScanError, match="only NaN or infinite values"):
+        load_scan(write_nifti(tmp_path / "nan.nii.gz", np.full((6, 7, 8), np.nan, np.float32)))
     with pytest.raises(ScanError, match="all zero"):
         load_scan(write_nifti(tmp_path / "zero.nii.gz", np.zeros((6, 7, 8), np.float32)))
     with pytest.raises(ScanError, match="file not found"):

@@ -125,16 +125,17 @@ def load_networks(models_dir: str, mode: Mode, labels_dir: str | None = None,
         raise ModelError(f"{labels_dir}: labels folder not found")
     models = ModelsDir(models_dir, labels_dir=labels_dir)
     kinds = [mode.segmenter_kind] + (["parc"] if mode.parc else []) + (["qc"] if mode.qc else [])
-    loaded = {}
+    loaded, voxel_sizes = {}, {}
     kind = "labels"
     try:
         tables = models.labels(mode.version)
         for kind in kinds:
             loaded[kind] = models.load_network(kind, conv_dtype)
-        seg_voxel_size = models.voxel_size(mode.segmenter_kind)
-        if seg_voxel_size not in (1.0, 2.0, 4.0):
-            raise ModelError(f"{models_dir}: segmenter voxel size {seg_voxel_size} mm; "
-                             "supported: 1, 2 or 4 mm")
+            voxel_sizes[kind] = models.voxel_size(kind, loaded[kind][1])
+            supported = (1.0, 2.0, 4.0) if kind == mode.segmenter_kind else (1.0,)
+            if voxel_sizes[kind] not in supported:
+                raise ModelError(f"{models.weights_file(kind)}: trained at {voxel_sizes[kind]:g} "
+                                 f"mm; supported: {', '.join(f'{s:g}' for s in supported)} mm")
     except (WeightFileError, LabelTableError) as err:
         raise ModelError(str(err).splitlines()[0]) from None
     except (OSError, KeyError, ValueError) as err:
@@ -147,7 +148,7 @@ def load_networks(models_dir: str, mode: Mode, labels_dir: str | None = None,
     if mode.qc:
         qc_module, variables["qc"] = loaded["qc"]
     return Networks(tables=tables, segmenter=seg_module, variables=variables, parc=parc_module,
-                    qc=qc_module, seg_voxel_size=seg_voxel_size)
+                    qc=qc_module, seg_voxel_size=voxel_sizes[mode.segmenter_kind])
 
 
 # ------------------------------------------------------------------------------------------------

@@ -9,8 +9,8 @@ Two scopes:
 * ``scan``: one file per scan (segmentation, posteriors, resampled image, overlay); given a folder,
   each scan's file is named after it (``folder_name``); ``render`` makes the file's content from a
   ``ScanResult`` (None: nothing to write for this scan, ``skipped_note`` says why);
-* ``table``: one row per scan (volumes, QC scores): one file for all scans when ``i`` is an image
-  or a folder, one file per scan when ``i`` is a ``.txt`` list; ``columns`` and ``row`` give its
+* ``table``: one row per scan (volumes, QC scores): one file for all scans, or, when ``i`` is a
+  ``.txt`` list, possibly a ``.txt`` list of one file per scan; ``columns`` and ``row`` give its
   content. A per-subject table or a cohort report is another entry of this scope.
 """
 

@@ -28,11 +28,12 @@ from synthseg_jax.inference.csv_files import (
 )
 from synthseg_jax.inference.options import PredictOptions, UsageError
 from synthseg_jax.inference.outputs import OUTPUT_KINDS, ScanResult, write_content
-from synthseg_jax.inference.planning import Job, plan_outputs, resolve_dirs
+from synthseg_jax.inference.planning import Job, check_outputs, plan_outputs, resolve_dirs
 from synthseg_jax.inference.preprocess import preprocess
-from synthseg_jax.scans import AtomicWriter, ScanError, check_writable, load_scan
+from synthseg_jax.scans import AtomicWriter, ScanError, load_scan
 
 log = logging.getLogger("synthseg_jax.inference")
+INTERRUPTED = 130   # the shell's exit status for Ctrl-C (128 + SIGINT)
 
 
 @dataclasses.dataclass
@@ -64,12 +65,10 @@ class Runner:
         self.opts = opts
         self.stdout = stdout or sys.stdout
         self.stderr = stderr or sys.stderr
-        try:
-            self.mode = Mode(robust=opts.robust, fast=opts.fast, v1=opts.v1, parc=opts.parc,
-                             qc=opts.output("qc") is not None)
-        except ValueError as err:
-            raise UsageError(str(err)) from None
+        self.mode = Mode(robust=opts.robust, fast=opts.fast, v1=opts.v1, parc=opts.parc,
+                         qc=opts.output("qc") is not None)
         self.plan = plan_outputs(opts)
+        check_outputs(self.plan)
         models_dir, labels_dir = resolve_dirs(opts)
         conv_dtype = "bfloat16" if opts.precision == "bf16" else "float32"
         self.networks = load_networks(models_dir, self.mode, labels_dir, conv_dtype)
@@ -80,11 +79,6 @@ class Runner:
                         for key, kind in OUTPUT_KINDS.items() if kind.scope == "table"}
         self.batch_tables = {key: CsvTable(path, self.columns[key])
                              for key, path in self.plan.tables.items()}
-        for table in self.batch_tables.values():
-            try:
-                check_writable(table.path)
-            except ScanError as err:
-                raise UsageError(str(err)) from None
 
     def say(self, message: str, err: bool = False) -> None:
         from tqdm import tqdm
@@ -114,11 +108,9 @@ class Runner:
         lap("read")
         if scan.n_channels > 1:
             self.say(f"WARNING: {job.image}: {scan.n_channels} channels, only the first is used", err=True)
-        for key, path in job.paths.items():
-            check_writable(path)
-            form = OUTPUT_KINDS[key].form
-            if form.strict and not form.matches(path):
-                raise ScanError(f"{path}: output needs a {form.description} extension")
+        if scan.non_finite:
+            self.say(f"WARNING: {job.image}: {scan.non_finite} NaN or infinite voxel(s) taken as "
+                     f"background", err=True)
         prep = preprocess(scan, crop=self.opts.crop, ct=self.opts.ct, min_pad=self.opts.min_pad)
         lap("preprocess")
         posteriors = any(OUTPUT_KINDS[key].needs_posteriors for key in job.paths)
@@ -143,6 +135,9 @@ class Runner:
             qc_scores=format_qc(net.qc_scores) if net.qc_scores is not None else None)
         lap("geometry")
 
+        if not np.any(seg):
+            self.say(f"WARNING: {job.image}: the segmentation is empty (no structure found); is "
+                     f"this a brain scan, with the whole head in the field of view?", err=True)
         notes, rows = self._write(job, result)
         lap("write")
         for key, row in rows.items():
@@ -224,7 +219,7 @@ class Runner:
 def run(opts: PredictOptions | Mapping[str, Any], stdout: TextIO | None = None,
         stderr: TextIO | None = None) -> int:
     """Run a batch; returns the exit code: 0 if every scan was segmented, 1 otherwise (also when
-    the run cannot start: bad options, missing models; then nothing is written)."""
+    the run cannot start: bad options, missing models; then nothing is written), 130 on Ctrl-C."""
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
     try:
@@ -232,10 +227,16 @@ def run(opts: PredictOptions | Mapping[str, Any], stdout: TextIO | None = None,
             opts = PredictOptions.from_mapping(opts)
         runner = Runner(opts, stdout=stdout, stderr=stderr)
     except KeyboardInterrupt:
-        raise
+        print("ERROR interrupted before any scan was segmented", file=stderr)
+        return INTERRUPTED
     except Exception as err:
         print(f"ERROR {_one_line(err)}", file=stderr)
         return 1
     precision = ", bfloat16 convolution products" if opts.precision == "bf16" else ""
     print(runner.mode.describe() + precision, file=stdout)
-    return runner.run().exit_code
+    try:
+        return runner.run().exit_code
+    except KeyboardInterrupt:   # the scan in progress wrote nothing (AtomicWriter)
+        print("ERROR interrupted; the scans finished before it are written, the one in progress "
+              "left no output", file=stderr)
+        return INTERRUPTED

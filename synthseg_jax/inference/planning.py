@@ -3,9 +3,10 @@
 * ``i`` an image file (``.nii``, ``.nii.gz``, ``.mgz``): a per-scan output is a file, or a folder
   (a path without the kind's extension) that receives ``<name>_synthseg<ext>`` etc.;
 * ``i`` a folder: every image in it (sorted); per-scan outputs must be folders;
-* ``i`` a ``.txt`` list of paths: every output given must be a ``.txt`` list of the same length;
-* tables (``vol``, ``qc``): one CSV for all scans (``.csv`` added if missing), or per-scan CSVs
-  from a ``.txt`` list.
+* ``i`` a ``.txt`` list of paths: every per-scan output given must be a ``.txt`` list of the same
+  length;
+* tables (``vol``, ``qc``): one CSV for all scans (``.csv`` added if missing), whatever ``i`` is,
+  or, when ``i`` is a ``.txt`` list, a ``.txt`` list of per-scan CSVs.
 
 Every rule reads the output table (``outputs.OUTPUT_KINDS``); nothing here names a kind.
 """
@@ -18,7 +19,7 @@ import os
 from synthseg_jax.inference.options import PredictOptions, UsageError
 from synthseg_jax.inference.outputs import OUTPUT_KINDS, OutputKind
 from synthseg_jax.package_data import default_models_dir, label_tables_dir
-from synthseg_jax.scans import image_extension, strip_image_extension
+from synthseg_jax.scans import ScanError, check_writable, image_extension, strip_image_extension
 
 LABEL_FILE = "synthseg_segmentation_labels_2.0.npy"
 MODELS_ENV = "SYNTHSEG_JAX_MODELS"
@@ -121,12 +122,17 @@ def plan_outputs(opts: PredictOptions) -> Plan:
 
 
 def _plan_lists(src: str, given: dict[str, str]) -> Plan:
-    """``i`` is a ``.txt`` list: every output a list of as many paths, tables per scan."""
+    """``i`` is a ``.txt`` list: every per-scan output a list of as many paths; a table a list of
+    per-scan files, or one file for the whole cohort."""
     images = _read_list(src, "input")
     if not images:
         raise UsageError(f"{src}: the input list is empty")
-    lists = {}
+    lists, notes, tables = {}, [], {}
     for key, path in given.items():
+        kind = OUTPUT_KINDS[key]
+        if kind.scope == "table" and not path.lower().endswith(".txt"):
+            tables[key] = _table_file(path, kind, notes)
+            continue
         if not path.lower().endswith(".txt"):
             raise UsageError(f"i is a .txt list, so {key} must be a .txt list too (got {path})")
         lists[key] = _read_list(path, key)
@@ -135,7 +141,29 @@ def _plan_lists(src: str, given: dict[str, str]) -> Plan:
     jobs = [Job(image=os.path.abspath(image),
                 paths={key: os.path.abspath(paths[n]) for key, paths in lists.items()})
             for n, image in enumerate(images)]
-    return Plan(jobs=jobs)
+    return Plan(jobs=jobs, tables=tables, notes=notes)
+
+
+def check_outputs(plan: Plan) -> None:
+    """Refuse, before any scan is read, an output that cannot be written, lacks its kind's
+    extension, is one of the run's inputs (it would overwrite the scan) or is given twice."""
+    inputs = {os.path.realpath(job.image) for job in plan.jobs}
+    seen: dict[str, str] = {}
+    outputs = [(key, path) for job in plan.jobs for key, path in job.paths.items()]
+    for key, path in outputs + list(plan.tables.items()):
+        form = OUTPUT_KINDS[key].form
+        if form.strict and not form.matches(path):
+            raise UsageError(f"{path}: {key} needs a {form.description} extension")
+        real = os.path.realpath(path)
+        if real in inputs:
+            raise UsageError(f"{path}: {key} is an input scan of this run; it would be overwritten")
+        if real in seen:
+            raise UsageError(f"{path}: given for both {seen[real]} and {key}")
+        seen[real] = key
+        try:
+            check_writable(path)
+        except ScanError as err:
+            raise UsageError(str(err)) from None
 
 
 def resolve_dirs(opts: PredictOptions) -> tuple[str, str]:

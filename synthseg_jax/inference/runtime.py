@@ -9,12 +9,20 @@ import sys
 from synthseg_jax.inference.options import UsageError
 
 JAX_PLATFORMS = {"cpu": "cpu", "gpu": "cuda", "cuda": "cuda", "tpu": "tpu"}
+MISSING_DEVICE = {
+    "gpu": 'no GPU is visible to JAX; install JAX\'s CUDA build (pip install -U "jax[cuda12]", '
+           "see https://docs.jax.dev/en/latest/installation.html), or use device=cpu",
+    "tpu": 'no TPU is visible to JAX; install JAX\'s TPU build (pip install -U "jax[tpu]"), '
+           "or use device=cpu",
+}
 
 
 def configure_runtime(threads: int | None = None, device: str = "auto") -> list[str]:
-    """Pin the device and the number of CPU threads. Only effective before jax starts its backend
-    (the entry points call it first). XLA:CPU sizes its thread pools from the CPUs the process may
-    run on, so ``threads`` restricts the process's CPU affinity. Returns notes to print."""
+    """Pin the device and the number of CPU threads (``threads`` 0 or None: all cores). Only
+    effective before jax starts its backend (the entry points call it first); for a GPU or TPU the
+    backend is then started, so that a missing one is a ``UsageError``. XLA:CPU sizes its thread
+    pools from the CPUs the process may run on, so ``threads`` restricts the process's CPU
+    affinity. Returns notes to print."""
     notes = []
     device = (device or "auto").lower()
     if device != "auto":
@@ -25,8 +33,6 @@ def configure_runtime(threads: int | None = None, device: str = "auto") -> list[
             os.environ["CUDA_VISIBLE_DEVICES"] = "-1"
     if threads:
         threads = int(threads)
-        if threads < 1:
-            raise UsageError(f"threads must be a positive number (got {threads})")
         try:
             allowed = sorted(os.sched_getaffinity(0))
             if threads < len(allowed):
@@ -38,7 +44,19 @@ def configure_runtime(threads: int | None = None, device: str = "auto") -> list[
             flags = os.environ.get("XLA_FLAGS", "")
             if "xla_cpu_multi_thread_eigen" not in flags:
                 os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_multi_thread_eigen=false").strip()
+    if device in MISSING_DEVICE:
+        _require_device(device)
     return notes
+
+
+def _require_device(device: str) -> None:
+    """Start jax's backend now, so that a missing accelerator is one line, not jax's error."""
+    import jax
+
+    try:
+        jax.devices()
+    except Exception:  # jax raises AssertionError or RuntimeError, depending on what is missing
+        raise UsageError(f"device={device}: {MISSING_DEVICE[device]}") from None
 
 
 def setup_logging(level: int = logging.INFO) -> None:

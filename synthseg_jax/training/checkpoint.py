@@ -142,10 +142,24 @@ def architecture(meta: Mapping[str, Any]) -> dict:
 
 
 def export_h5(path: str, out_path: str, step: int | None = None) -> dict:
-    """Write a checkpoint's weights in Keras' ``save_weights`` HDF5 layout; returns its meta."""
+    """Write a checkpoint's weights in Keras' ``save_weights`` HDF5 layout, its training voxel size
+    recorded in the file (so the ``.h5`` alone is read right); returns its meta."""
     variables, meta = load_model(path, step)
-    save_keras_h5(variables, out_path)
+    save_keras_h5(variables, out_path, voxel_size=meta.get("voxel_size"))
     return meta
+
+
+def export_trained(variables: Mapping, meta: Mapping[str, Any], out_dir: str) -> str:
+    """A run's final weights as a models folder (training writes ``RUN/export/``): the ``.h5``, its
+    ``architecture.json`` entry and the run's label tables, so ``models_dir=RUN/export`` predicts
+    as it is. A robust cascade stage is one file of three (``synthseg_robust_2.0_<prefix>.h5``;
+    ``export_models_dir`` merges the three runs). Returns the ``.h5``'s path."""
+    key, prefix = meta["model"]["export"], meta["model"]["prefix"]
+    name = (f"synthseg_robust_2.0_{prefix}.h5" if key == "robust"
+            else MODEL_FILES.get(key, f"{meta['model']['name']}.h5"))
+    path = os.path.join(out_dir, name)
+    _write_models_entry(out_dir, key, {name: variables}, [meta], meta.get("priors_dir"))
+    return path
 
 
 def _merge(trees: Sequence[Mapping]) -> dict:
@@ -159,6 +173,34 @@ def _merge(trees: Sequence[Mapping]) -> dict:
     return out
 
 
+def _write_models_entry(out_dir: str, key: str, files: Mapping[str, Mapping],
+                        metas: Sequence[Mapping], priors_dir: str | None) -> list[str]:
+    """Write ``files`` (name -> variables) into ``out_dir`` with the training voxel size in each,
+    record ``metas`` under ``key`` in its ``architecture.json`` (kept entries of other kinds) and
+    copy the label tables of ``priors_dir``. Returns the written paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    arch_path = os.path.join(out_dir, ARCHITECTURE_FILE)
+    arch = {}
+    if os.path.isfile(arch_path):
+        with open(arch_path) as fh:
+            arch = json.load(fh)
+    written = []
+    for name, variables in files.items():
+        path = os.path.join(out_dir, name)
+        save_keras_h5(variables, path, voxel_size=metas[0].get("voxel_size"))
+        written.append(path)
+    arch[key] = {m["model"]["prefix"]: architecture(m) for m in metas}
+    with open(arch_path, "w") as fh:
+        json.dump(arch, fh, indent=2)
+    written.append(arch_path)
+    if priors_dir:
+        for table in sorted(glob.glob(os.path.join(priors_dir, "synthseg_*.npy"))):
+            dest = os.path.join(out_dir, os.path.basename(table))
+            shutil.copyfile(table, dest)
+            written.append(dest)
+    return written
+
+
 def export_models_dir(sources: Mapping[str, Any], out_dir: str, priors_dir: str | None = None,
                       step: int | None = None) -> list[str]:
     """Write a models folder: ``sources`` maps a ``MODEL_FILES`` key ('1.0', '2.0', 'robust',
@@ -166,12 +208,7 @@ def export_models_dir(sources: Mapping[str, Any], out_dir: str, priors_dir: str 
     ``.npy`` tables are copied from ``priors_dir`` (default: the one the first run trained with),
     and ``architecture.json`` records each network's hyper-parameters. Returns the written paths.
     """
-    os.makedirs(out_dir, exist_ok=True)
-    written, arch = [], {}
-    arch_path = os.path.join(out_dir, ARCHITECTURE_FILE)
-    if os.path.isfile(arch_path):
-        with open(arch_path) as fh:
-            arch = json.load(fh)
+    written: list[str] = []
     for key, runs in sources.items():
         if key not in MODEL_FILES:
             raise ValueError(f"unknown network kind {key!r}; expected one of {sorted(MODEL_FILES)}")
@@ -186,21 +223,11 @@ def export_models_dir(sources: Mapping[str, Any], out_dir: str, priors_dir: str 
             if sorted(prefixes) != sorted(ROBUST_STAGES):
                 raise ValueError(f"the robust cascade needs one run per stage {ROBUST_STAGES}, "
                                  f"got {prefixes}")
-        path = os.path.join(out_dir, MODEL_FILES[key])
-        save_keras_h5(_merge([v for v, _ in loaded]), path)
-        written.append(path)
-        arch[key] = {m["model"]["prefix"]: architecture(m) for _, m in loaded}
         if priors_dir is None:
             priors_dir = loaded[0][1].get("priors_dir")
-    with open(arch_path, "w") as fh:
-        json.dump(arch, fh, indent=2)
-    written.append(arch_path)
-    if priors_dir:
-        for table in sorted(glob.glob(os.path.join(priors_dir, "synthseg_*.npy"))):
-            dest = os.path.join(out_dir, os.path.basename(table))
-            shutil.copyfile(table, dest)
-            written.append(dest)
-    return written
+        written += _write_models_entry(out_dir, key, {MODEL_FILES[key]: _merge([v for v, _ in loaded])},
+                                       [m for _, m in loaded], priors_dir)
+    return list(dict.fromkeys(written))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -8,7 +8,8 @@ Files written in the run folder (the Hydra output folder unless ``train.out_dir`
 ``metrics.csv``        one row per step: step, phase, loss, gradient norm, seconds
 ``validation.csv``     one row per validation: step, phase, synthetic Dice (or QC error), MNI Dice
 ``curves.png``         loss and validation curves
-``export/<file>.h5``   the final weights in Keras' layout (``synthseg_2.0.h5`` etc.)
+``export/``            a models folder: the final weights in Keras' layout (``synthseg_2.0.h5``
+                       etc.), ``architecture.json`` and the label tables
 
 Scalars go to CSV rather than TensorBoard event files: writing event files needs TensorFlow or
 tensorboardX (protobuf) in an environment that otherwise has neither, while a CSV is appended
@@ -38,8 +39,7 @@ from synthseg_jax.training import step as st
 from synthseg_jax.training.config import TrainConfig, TrainSection
 from synthseg_jax.training.tasks import Task, load_training_data
 from synthseg_jax.training.validation import load_mni, mni_forward, mni_scores
-from synthseg_jax.weights.keras_h5 import load_keras_h5, save_keras_h5
-from synthseg_jax.weights.models_dir import MODEL_FILES
+from synthseg_jax.weights.keras_h5 import load_keras_h5
 
 METRIC_FIELDS = ("step", "phase", "loss", "grad_norm", "lr", "seconds")
 VALIDATION_FIELDS = ("step", "phase", "synthetic", "mni_wm", "mni_gm")
@@ -366,13 +366,6 @@ def stop_run(manager, out_dir: str, main: bool, state=None, meta: Mapping | None
     raise SystemExit(130)
 
 
-def export_name(r: Run) -> str:
-    """The run's ``export/`` file: its models-folder name (one file per robust stage)."""
-    if r.spec.export == "robust":
-        return f"synthseg_robust_2.0_{r.spec.prefix}.h5"
-    return MODEL_FILES.get(r.spec.export, f"{r.spec.name}.h5")
-
-
 def run(cfg: TrainConfig | Mapping) -> dict:
     """Train as configured; resumes from the run folder's latest checkpoint when there is one.
     SIGINT and SIGTERM are handled from the start (:class:`StopRequest`): one arriving while the
@@ -467,9 +460,8 @@ def _train(cfg: TrainConfig | Mapping, stop: StopRequest) -> dict:
     if main:
         plot_curves(r.out_dir)
         if train.export_h5 and r.total_steps > start:
-            path = os.path.join(r.out_dir, "export", export_name(r))
-            save_keras_h5(jax.device_get(state.inference_variables()), path)
-            summary["export"] = path
+            summary["export"] = ckpt.export_trained(jax.device_get(state.inference_variables()),
+                                                    meta, os.path.join(r.out_dir, "export"))
         print(f"[train] done: {summary}", flush=True)
     return summary
 

@@ -25,6 +25,9 @@ BATCHNORM_WEIGHTS = {
     "moving_variance": ("batch_stats", "var"),
 }
 KERAS_VERSION = "2.15.0"
+# Root attribute our exporter adds: the voxel size (mm) the network was trained at. Keras and the
+# original mri_synthseg ignore attributes they do not know, so the file stays theirs too.
+VOXEL_SIZE_ATTRIBUTE = "synthseg_jax_voxel_size"
 
 
 class WeightFileError(ValueError):
@@ -142,13 +145,32 @@ def keras_layers(variables: Mapping[str, Any]) -> dict[str, dict[str, np.ndarray
     return out
 
 
-def save_keras_h5(variables: Mapping[str, Any], path: str) -> None:
+def read_voxel_size(path: str) -> float | None:
+    """The training voxel size our exporter recorded in the file, or None (a published file)."""
+    try:
+        with h5py.File(path, "r") as handle:
+            value = handle.attrs.get(VOXEL_SIZE_ATTRIBUTE)
+    except (OSError, ValueError) as err:
+        raise WeightFileError(f"{path}: not a readable HDF5 weight file ({err})") from None
+    if value is None:
+        return None
+    try:
+        size = float(np.asarray(value).item())
+    except (TypeError, ValueError):
+        size = float("nan")
+    if not np.isfinite(size) or size <= 0:
+        raise WeightFileError(f"{path}: invalid {VOXEL_SIZE_ATTRIBUTE} attribute {value!r}")
+    return size
+
+
+def save_keras_h5(variables: Mapping[str, Any], path: str, voxel_size: float | None = None) -> None:
     """Write the layout of Keras 2 ``save_weights`` (HDF5), so ``mri_synthseg`` can load our weights
-    with ``load_weights(by_name=True)``."""
-    save_keras_layers(keras_layers(variables), path)
+    with ``load_weights(by_name=True)``; ``voxel_size`` (mm) is recorded in the file."""
+    save_keras_layers(keras_layers(variables), path, voxel_size)
 
 
-def save_keras_layers(layers: Mapping[str, Mapping[str, np.ndarray]], path: str) -> None:
+def save_keras_layers(layers: Mapping[str, Mapping[str, np.ndarray]], path: str,
+                      voxel_size: float | None = None) -> None:
     """Write ``{layer: {Keras weight name: array}}`` in Keras 2's ``save_weights`` layout, to a
     temporary name, then renamed (a reader never sees half a file)."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -160,6 +182,8 @@ def save_keras_layers(layers: Mapping[str, Mapping[str, np.ndarray]], path: str)
             handle.attrs["backend"] = b"tensorflow"
             handle.attrs["keras_version"] = KERAS_VERSION.encode()
             handle.attrs["layer_names"] = np.array([n.encode() for n in layers])
+            if voxel_size is not None:
+                handle.attrs[VOXEL_SIZE_ATTRIBUTE] = float(voxel_size)
             for layer, weights in layers.items():
                 group = handle.create_group(layer)
                 full_names = [f"{layer}/{keras_name}:0" for keras_name in weights]

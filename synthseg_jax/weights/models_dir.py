@@ -24,7 +24,13 @@ from synthseg_jax.nn.synthseg import (
     segmenter_config,
 )
 from synthseg_jax.nn.unet import EncoderConfig, UNetConfig
-from synthseg_jax.weights.keras_h5 import WeightFileError, load_keras_h5, read_keras_h5
+from synthseg_jax.weights.keras_h5 import (
+    VOXEL_SIZE_ATTRIBUTE,
+    WeightFileError,
+    load_keras_h5,
+    read_keras_h5,
+    read_voxel_size,
+)
 
 MODEL_FILES = {
     "1.0": "synthseg_1.0.h5",
@@ -60,6 +66,12 @@ def variable_shapes(module: nn.Module, in_channels: int, size: int = _INIT_SIZE)
     """The variables tree as shapes only, without running the network."""
     dummy = jax.ShapeDtypeStruct((1, size, size, size, in_channels), jnp.float32)
     return jax.eval_shape(module.init, jax.random.key(0), dummy)
+
+
+def _shapes(variables: Any) -> Any:
+    """A variables tree (arrays or shapes) as its structure and leaf shapes, for comparison."""
+    leaves, structure = jax.tree_util.tree_flatten(variables)
+    return structure, [tuple(leaf.shape) for leaf in leaves]
 
 
 def _kernel_shape(layers: dict, name: str, path: str) -> tuple[int, ...]:
@@ -152,18 +164,41 @@ class ModelsDir:
             raise ValueError(f"unknown network kind {kind!r}; expected one of {sorted(MODEL_FILES)}")
         path = os.path.join(self.path, MODEL_FILES[kind])
         if not os.path.isfile(path):
-            raise WeightFileError(f"{path}: weight file missing from the models folder")
+            raise WeightFileError(f"{path}: weight file missing from the models folder {self.path}; "
+                                  f"point models_dir=... (--models_dir) at a folder that has it, "
+                                  f"e.g. $FREESURFER_HOME/models")
         return path
 
     def labels(self, version: str = "2.0") -> LabelTables:
         return LabelTables.load(self.labels_dir or self.path, version)
 
-    def voxel_size(self, kind: str) -> float:
-        """The voxel size (mm) a network was trained at: 1 for the published models, which have
-        no ``architecture.json``; a coarser one for models trained here to save CPU time."""
+    def voxel_size(self, kind: str, variables: Any = None) -> float:
+        """The voxel size (mm) a network was trained at: recorded in its ``.h5`` by our exporter,
+        else in ``architecture.json`` beside it, else 1 mm if it has the published network's
+        shape (the published models record neither). Anything else is refused: a coarse model
+        run at 1 mm gives a wrong segmentation without a word. ``variables``: the network's, if
+        already loaded."""
+        path = self.weights_file(kind)
+        recorded = read_voxel_size(path)
+        if recorded is None:
+            recorded = self._architecture_voxel_size(kind)
+        if recorded is not None:
+            return recorded
+        if variables is None:
+            variables = self.load_network(kind)[1]
+        if _shapes(variables) == _shapes(variable_shapes(*build_network(kind, self.labels(
+                label_version(kind))))):
+            return 1.0
+        raise WeightFileError(
+            f"{path}: unknown training voxel size (no {VOXEL_SIZE_ATTRIBUTE} attribute, no "
+            f"{ARCHITECTURE_FILE} entry '{kind}' beside it, not the published architecture); "
+            f"export it again with python -m synthseg_jax.training.checkpoint RUN --models-dir "
+            f"{self.path}, or add the entry to {ARCHITECTURE_FILE}")
+
+    def _architecture_voxel_size(self, kind: str) -> float | None:
         path = os.path.join(self.path, ARCHITECTURE_FILE)
         if not os.path.isfile(path):
-            return 1.0
+            return None
         try:
             with open(path) as fh:
                 stages = json.load(fh).get(kind, {})
@@ -172,7 +207,7 @@ class ModelsDir:
             raise WeightFileError(f"{path}: unreadable architecture file ({err})") from None
         if len(sizes) > 1:
             raise WeightFileError(f"{path}: the stages of '{kind}' disagree on the voxel size {sorted(sizes)}")
-        return sizes.pop() if sizes else 1.0
+        return sizes.pop() if sizes else None
 
     def load_network(self, kind: str, conv_dtype: str = "float32") -> tuple[nn.Module, Any]:
         """The module of ``kind`` (architecture read off the file) and its variables."""

@@ -96,8 +96,9 @@ def tiny_nets(tables, tables_v1):
 
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory, tiny_nets):
-    """A models folder with the five tiny .h5 files (labels come from the shared folder)."""
+    """A models folder with the five tiny .h5 files, each recording its 1 mm training voxel size
+    (labels come from the shared folder)."""
     path = tmp_path_factory.mktemp("models")
     for kind, (_, _, variables) in tiny_nets.items():
-        save_keras_h5(variables, os.path.join(path, MODEL_FILES[kind]))
+        save_keras_h5(variables, os.path.join(path, MODEL_FILES[kind]), voxel_size=1.0)
     return str(path)

@@ -65,16 +65,14 @@ def bad_scan(tmp_path, kind):
         return nifti(path, good_data((30, 28))), "a 3-D scan is needed"
     if kind == "5d":
         return nifti(path, good_data((20, 20, 20, 2, 3))), "5 dimensions"
-    if kind == "nan":
-        data = good_data()
-        data[5:7, 5, 5] = np.nan
-        return nifti(path, data), "2 NaN or infinite"
+    if kind == "all-nan":
+        return nifti(path, np.full((28, 30, 26), np.nan, np.float32)), "only NaN or infinite"
     if kind == "zero":
         return nifti(path, np.zeros((28, 30, 26), np.float32)), "all zero"
     raise ValueError(kind)
 
 
-@pytest.mark.parametrize("kind", ["missing", "corrupt", "truncated", "2d", "5d", "nan", "zero"])
+@pytest.mark.parametrize("kind", ["missing", "corrupt", "truncated", "2d", "5d", "all-nan", "zero"])
 def test_bad_scan(tmp_path, dirs, kind):
     src, problem = bad_scan(tmp_path, kind)
     out = tmp_path / "out"
@@ -137,7 +135,8 @@ def test_models_dir_lacking_a_file(tmp_path, dirs, missing):
     code, stdout, stderr = call(i=src, o=str(tmp_path / "out" / "s.nii.gz"), vol=str(tmp_path / "v.csv"),
                                 parc=True, qc=str(tmp_path / "q.csv"), models_dir=str(models),
                                 labels_dir=dirs["labels_dir"])
-    check_failure(code, stdout, stderr, str(models / missing), "missing")
+    check_failure(code, stdout, stderr, str(models / missing),
+                  f"missing from the models folder {models}; point models_dir=")
     assert sorted(os.listdir(tmp_path)) == ["models", "s.nii.gz"]
 
 
@@ -167,3 +166,106 @@ def test_failure_while_writing_leaves_no_partial_output(tmp_path, dirs, monkeypa
                                 vol=str(out / "v.csv"), overlay=str(out / "o.png"), fast=True, **dirs)
     check_failure(code, stdout, stderr, src, "OSError: disk full")
     assert os.listdir(out) == []  # the folder was made for the temporaries, which are gone
+
+
+def test_every_output_is_checked_before_any_scan_is_read(tmp_path, dirs, monkeypatch):
+    """An unwritable output of the last scan of a batch used to be found after the earlier scans
+    had run (a minute each at full size): now nothing is read (issue 19, item 7)."""
+    from synthseg_jax.inference import pipeline
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    images = [nifti(folder / f"s{n}.nii.gz", good_data(seed=n)) for n in range(2)]
+    (tmp_path / "in.txt").write_text("\n".join(images) + "\n")
+    (tmp_path / "segs.txt").write_text(f"{tmp_path}/a.nii.gz\n/proc/x/seg.nii.gz\n")
+    read = []
+    real_load = pipeline.load_scan
+    monkeypatch.setattr(pipeline, "load_scan", lambda path: read.append(path) or real_load(path))
+    code, stdout, stderr = call(i=str(tmp_path / "in.txt"), o=str(tmp_path / "segs.txt"), **dirs)
+    check_failure(code, stdout, stderr, "/proc/x/seg.nii.gz", "cannot write")
+    assert read == [] and not (tmp_path / "a.nii.gz").exists()
+
+
+@pytest.mark.parametrize("case", ["o-is-i", "post-is-i", "o-is-another-input", "o-is-post"])
+def test_output_that_is_an_input_or_another_output_is_refused(tmp_path, dirs, case):
+    """o=i overwrote the scan with its segmentation (issue 19, item 8)."""
+    images = [nifti(tmp_path / f"s{n}.nii.gz", good_data(seed=n)) for n in range(2)]
+    before = [open(p, "rb").read() for p in images]
+    other = str(tmp_path / "other.nii.gz")
+    i, o, post = {"o-is-i": (images[0], images[0], None), "post-is-i": (images[0], other, images[0]),
+                  "o-is-another-input": (None, images[1], other), "o-is-post": (images[0], other, other)
+                  }[case]
+    if i is None:   # a list whose second output is its first... a scan of the same batch
+        (tmp_path / "in.txt").write_text("\n".join(images))
+        (tmp_path / "o.txt").write_text(f"{other}\n{images[0]}\n")
+        i, o, post = str(tmp_path / "in.txt"), str(tmp_path / "o.txt"), None
+    code, stdout, stderr = call(i=i, o=o, **({"post": post} if post else {}), **dirs)
+    expected = "given for both" if case == "o-is-post" else "is an input scan of this run"
+    check_failure(code, stdout, stderr, expected)
+    assert [open(p, "rb").read() for p in images] == before
+    assert not os.path.exists(other)
+
+
+def test_nan_voxels_are_background_with_a_warning(tmp_path, dirs):
+    """A NaN outside the brain refused the whole scan (issue 19, item 9)."""
+    data = good_data()
+    data[:3] = np.nan
+    data[5:7, 5, 5] = np.inf
+    src = nifti(tmp_path / "s.nii.gz", data)
+    code, stdout, stderr = call(i=src, o=str(tmp_path / "o.nii.gz"), **dirs)
+    assert code == 0, stderr
+    assert f"WARNING: {src}: {3 * 30 * 26 + 2} NaN or infinite voxel(s) taken as background" in stderr
+    assert os.path.isfile(tmp_path / "o.nii.gz")
+
+
+def test_empty_segmentation_warns(tmp_path, labels_dir):
+    """An 8^3 image gave an empty segmentation and exit 0 without a word (issue 19, item 9); with
+    the shipped model, one bright voxel in an 8^3 image is such a case."""
+    data = np.zeros((8, 8, 8), np.float32)
+    data[4, 4, 4] = 1
+    src = nifti(tmp_path / "tiny.nii.gz", data)
+    code, stdout, stderr = call(i=src, o=str(tmp_path / "o.nii.gz"), labels_dir=labels_dir)
+    assert code == 0, stderr
+    assert not np.any(nib.load(tmp_path / "o.nii.gz").get_fdata())
+    assert f"WARNING: {src}: the segmentation is empty" in stderr
+
+
+@pytest.mark.parametrize("entry", ["hydra", "flags"])
+def test_ctrl_c_during_prediction_is_one_line(tmp_path, dirs, entry):
+    """Ctrl-C printed a KeyboardInterrupt traceback (issue 19, item 9): a real process, a real
+    SIGINT in the middle of a batch; the scans done are kept, the one in progress left nothing."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for n in range(40):
+        nifti(folder / f"s{n:02d}.nii.gz", good_data((40, 44, 36), seed=n))
+    out = tmp_path / "out"
+    if entry == "hydra":
+        repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        cmd = [sys.executable, os.path.join(repo, "predict.py"), f"i={folder}", f"o={out}",
+               "device=cpu", "progress=false", f"models_dir={dirs['models_dir']}",
+               f"labels_dir={dirs['labels_dir']}"]
+    else:
+        cmd = [os.path.join(os.path.dirname(sys.executable), "mri_synthseg_jax"), "--i", str(folder),
+               "--o", str(out), "--cpu", "--no-progress", "--models_dir", dirs["models_dir"],
+               "--labels_dir", dirs["labels_dir"]]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=tmp_path)
+    deadline = time.monotonic() + 300
+    while not (out.is_dir() and any(not f.startswith(".") for f in os.listdir(out))):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stdout + stderr and "KeyboardInterrupt" not in stderr
+    errors = error_lines(stderr)
+    assert errors == ["ERROR interrupted; the scans finished before it are written, the one in "
+                      "progress left no output"], stderr
+    written = os.listdir(out)
+    assert written and all(not f.startswith(".") for f in written)   # no temporaries left
+    assert len(written) < 40

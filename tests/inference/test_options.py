@@ -1,6 +1,7 @@
 """Prediction's options: defaults from configs/predict.yaml only, every value checked once."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -42,6 +43,9 @@ def test_boolean_words(word, value):
     (dict(device="quantum"), "device: expected one of auto, cpu, gpu, tpu, got 'quantum'"),
     (dict(o=["a", "b"]), "o: expected a path or name, got ['a', 'b']"),
     (dict(fats=True), "unknown option(s): fats (known: i, o, "),
+    (dict(threads=-1), "threads: expected a number of threads, or 0 for all cores, got -1"),
+    (dict(qc_crop_size="0"), "qc_crop_size: expected a positive integer, got 0"),
+    (dict(robust=True, v1=True), "robust cannot be combined with v1"),
 ])
 def test_bad_values_are_one_line(values, message):
     with pytest.raises(UsageError) as err:
@@ -54,6 +58,7 @@ def test_sizes_and_paths_are_normalised():
     assert opts.crop == (160, 160, 160) and opts.min_pad == (32, 48, 64) and opts.threads == 2
     assert opts.outputs == {"o": "2024"}   # an empty path is no output
     assert PredictOptions.create(crop=[96]).crop == (96, 96, 96)
+    assert PredictOptions.create(threads="0").threads == 0   # all cores, as null (documented)
 
 
 def test_every_output_kind_is_an_option_and_a_flag():
@@ -74,16 +79,19 @@ def test_bad_values_refused_by_the_real_commands(tmp_path, entry):
     src = small_scan(tmp_path / "s.nii.gz")
     if entry == "hydra":
         cmds = [[sys.executable, os.path.join(REPO, "predict.py"), f"i={src}", "o=o.nii.gz", bad]
-                for bad in ("fast=maybe", "threads=abc", "fats=true", "+fats=true")]
+                for bad in ("fast=maybe", "threads=abc", "fats=true", "+fats=true", "threads=-1",
+                            "qc_crop_size=0")]
     else:
         mri = os.path.join(os.path.dirname(sys.executable), "mri_synthseg_jax")
         cmds = [[mri, "--i", src, "--o", "o.nii.gz", *bad]
-                for bad in (["--threads", "abc"], ["--crop", "abc"], ["--device", "quantum"])]
+                for bad in (["--threads", "abc"], ["--crop", "abc"], ["--device", "quantum"],
+                            ["--threads", "-1"], ["--robust", "--v1"])]
     for cmd in cmds:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert proc.returncode == 1, (cmd, proc.stderr)
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("ERROR "), (cmd, proc.stderr)
+        assert "Error:" not in lines[0], lines[0]      # no ValueError: prefix
         assert sorted(os.listdir(tmp_path)) == ["s.nii.gz"]
 
 
@@ -106,3 +114,41 @@ def test_bf16_flag_of_the_drop_in_command_line():
 
     assert precision(["--i", "a.nii", "--o", "b.nii", "--bf16"]) == "bf16"
     assert precision(["--i", "a.nii", "--o", "b.nii"]) == "float32"
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="a GPU may be present here")
+@pytest.mark.parametrize("entry", ["hydra", "flags"])
+def test_gpu_requested_without_one(tmp_path, entry):
+    """``device=gpu`` on a machine without one printed ``ERROR AssertionError`` (issue 19, item 5)."""
+    src = small_scan(tmp_path / "s.nii.gz")
+    if entry == "hydra":
+        cmd = [sys.executable, os.path.join(REPO, "predict.py"), f"i={src}", "o=o.nii.gz", "device=gpu"]
+    else:
+        mri = os.path.join(os.path.dirname(sys.executable), "mri_synthseg_jax")
+        cmd = [mri, "--i", src, "--o", "o.nii.gz", "--device", "gpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        'ERROR device=gpu: no GPU is visible to JAX; install JAX\'s CUDA build (pip install -U '
+        '"jax[cuda12]", see https://docs.jax.dev/en/latest/installation.html), or use device=cpu']
+    assert sorted(os.listdir(tmp_path)) == ["s.nii.gz"]
+
+
+def test_hydra_paths_with_special_characters(tmp_path):
+    """An unquoted path with , ( ) or = got Hydra's six-line parse error (issue 19, item 9): one
+    line saying how to quote it; quoted or escaped, the path reaches the program as it is."""
+    src = small_scan(tmp_path / "a,b(1)=x.nii.gz")
+    predict = [sys.executable, os.path.join(REPO, "predict.py")]
+    proc = subprocess.run(predict + [f"i={src}", "o=o.nii.gz"], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"ERROR i: a path with , ( ) or = must be quoted for Hydra, e.g. \"i='{src}'\" "
+        "(or use mri_synthseg_jax --i)"]
+    escaped = src.replace(",", "\\,").replace("(", "\\(").replace(")", "\\)").replace("=", "\\=")
+    for given in (f"i='{src}'", f"i={escaped}"):
+        # the path is read (and found): the run goes on to the options check after it
+        proc = subprocess.run(predict + [given, "o=o.nii.gz", "threads=-1"], capture_output=True,
+                              text=True, timeout=300, cwd=tmp_path)
+        assert proc.stderr.strip().splitlines() == [
+            "ERROR threads: expected a number of threads, or 0 for all cores, got -1"], given

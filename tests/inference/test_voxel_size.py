@@ -1,12 +1,18 @@
+import io
 import json
+import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from synthseg_jax.inference.network import at_voxel_size
-from synthseg_jax.weights.keras_h5 import WeightFileError
-from synthseg_jax.weights.models_dir import ModelsDir
+from synthseg_jax.inference.options import PredictOptions
+from synthseg_jax.inference.pipeline import run
+from synthseg_jax.labels import LabelTables
+from synthseg_jax.weights.keras_h5 import WeightFileError, read_voxel_size, save_keras_h5
+from synthseg_jax.weights.models_dir import ModelsDir, build_network, variable_shapes
 
 
 def test_coarse_model_sees_pooled_image_and_returns_full_grid():
@@ -31,10 +37,52 @@ def test_one_mm_model_is_untouched():
     assert at_voxel_size(lambda z: z * 3, x, 1.0).shape == x.shape
 
 
-def test_voxel_size_read_from_architecture_file(tmp_path):
-    assert ModelsDir(str(tmp_path)).voxel_size("2.0") == 1.0
+@pytest.fixture
+def bare_h5(tmp_path, tiny_nets, labels_dir):
+    """A folder holding only a tiny (not published-shaped) 2.0 network's .h5, nothing recorded."""
+    save_keras_h5(tiny_nets["2.0"][2], str(tmp_path / "synthseg_2.0.h5"))
+    return ModelsDir(str(tmp_path), labels_dir=labels_dir)
+
+
+def test_voxel_size_read_from_architecture_file(bare_h5, tmp_path):
     (tmp_path / "architecture.json").write_text(json.dumps({"2.0": {"unet": {"voxel_size": 2.0}}}))
-    assert ModelsDir(str(tmp_path)).voxel_size("2.0") == 2.0
+    assert bare_h5.voxel_size("2.0") == 2.0
     (tmp_path / "architecture.json").write_text("{not json")
     with pytest.raises(WeightFileError, match="architecture.json: unreadable"):
-        ModelsDir(str(tmp_path)).voxel_size("2.0")
+        bare_h5.voxel_size("2.0")
+
+
+def test_voxel_size_recorded_in_the_h5_wins(tmp_path, tiny_nets, labels_dir):
+    path = str(tmp_path / "synthseg_2.0.h5")
+    save_keras_h5(tiny_nets["2.0"][2], path, voxel_size=2.0)
+    assert read_voxel_size(path) == 2.0
+    (tmp_path / "architecture.json").write_text(json.dumps({"2.0": {"unet": {"voxel_size": 4.0}}}))
+    assert ModelsDir(str(tmp_path), labels_dir=labels_dir).voxel_size("2.0") == 2.0
+
+
+def test_h5_of_unknown_resolution_is_refused(bare_h5, tmp_path):
+    """A coarse model without its voxel size used to run at 1 mm silently (issue 19, item 2)."""
+    with pytest.raises(WeightFileError, match="unknown training voxel size"):
+        bare_h5.voxel_size("2.0")
+    scan = tmp_path / "scan.nii.gz"
+    import nibabel as nib
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).uniform(1, 9, (20, 20, 20)).astype(np.float32),
+                             np.eye(4)), str(scan))
+    out, err = io.StringIO(), io.StringIO()
+    code = run(PredictOptions.create(i=str(scan), o=str(tmp_path / "seg.nii.gz"), progress=False,
+                                     models_dir=bare_h5.path, labels_dir=bare_h5.labels_dir,
+                                     min_pad=32), stdout=out, stderr=err)
+    assert code == 1
+    (line,) = err.getvalue().splitlines()
+    assert line.startswith(f"ERROR {tmp_path / 'synthseg_2.0.h5'}: unknown training voxel size")
+    assert "--models-dir" in line and "Traceback" not in line
+    assert not (tmp_path / "seg.nii.gz").exists()
+
+
+def test_published_architecture_without_record_is_1mm(tmp_path, labels_dir):
+    """The published .h5 files record nothing; their shape says they are the 1 mm networks."""
+    tables = LabelTables.load(labels_dir, "2.0")
+    shapes = variable_shapes(*build_network("2.0", tables))
+    save_keras_h5(jax.tree_util.tree_map(lambda s: np.zeros(s.shape, np.float32), shapes),
+                  str(tmp_path / "synthseg_2.0.h5"))
+    assert ModelsDir(str(tmp_path), labels_dir=labels_dir).voxel_size("2.0") == 1.0
