@@ -110,7 +110,8 @@ def make_models(out: str, image: np.ndarray, tiny: bool) -> None:
         calib = image if kind != "qc" else np.clip(image, 0, 1)
         side = 224 if kind == "qc" and not tiny else (32 if tiny else 96)
         crop = centre_crop(calib, side)
-        save_keras_h5(random_variables(module, channels, crop, seed), os.path.join(out, MODEL_FILES[kind]))
+        save_keras_h5(random_variables(module, channels, crop, seed), os.path.join(out, MODEL_FILES[kind]),
+                      voxel_size=1.0)
 
 
 def centre_crop(image: np.ndarray, side: int) -> np.ndarray:

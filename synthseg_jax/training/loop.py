@@ -348,10 +348,13 @@ class StopRequest:
               f"(send it again to stop at once)", flush=True)
 
 
-def stop_run(manager, out_dir: str, main: bool, state=None, meta: Mapping | None = None) -> None:
+def stop_run(manager, out_dir: str, main: bool, state=None, meta: Mapping | None = None,
+             at_once: bool = False) -> None:
     """Exit with 130 after a signal, a save in flight finished first. ``state`` (the last
     completed step, its metrics written) is saved unless its checkpoint exists; without one (a
-    second signal) the checkpoints already written are what is kept."""
+    second signal) the checkpoints already written are what is kept. ``at_once`` (the second
+    signal interrupted the step, possibly inside XLA's tracing or compilation): leave without the
+    interpreter's teardown, which then crashed with SIGSEGV after the message."""
     if state is not None and manager.latest_step() != int(jax.device_get(state.step)):
         ckpt.save(manager, state, meta, force=True)
     manager.wait_until_finished()
@@ -363,6 +366,9 @@ def stop_run(manager, out_dir: str, main: bool, state=None, meta: Mapping | None
         then = f"stopped at once: no checkpoint yet in {out_dir}" if latest is None else \
             f"{what} {latest} in {out_dir}; the same command resumes from it"
         print(f"[train] {then}", flush=True)
+    if at_once:
+        sys.stderr.flush()
+        os._exit(130)
     raise SystemExit(130)
 
 
@@ -446,7 +452,7 @@ def _train(cfg: TrainConfig | Mapping, stop: StopRequest) -> dict:
     except KeyboardInterrupt:
         stop.finishing = True
         bar.close()
-        stop_run(manager, r.out_dir, main)
+        stop_run(manager, r.out_dir, main, at_once=True)
     if stop and int(jax.device_get(state.step)) < r.total_steps:
         stop.finishing = True
         bar.close()
