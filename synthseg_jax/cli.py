@@ -18,7 +18,7 @@ import os
 import sys
 from typing import Any
 
-from synthseg_jax.inference.outputs import OUTPUT_KINDS
+from synthseg_jax import interrupts
 
 FLAGS_HELP = "SynthSeg (JAX): segmentation of brain MRI scans of any contrast and resolution"
 DEFAULT_THREADS = 1   # the original's
@@ -26,6 +26,8 @@ DEFAULT_THREADS = 1   # the original's
 
 def build_parser() -> argparse.ArgumentParser:
     """Flags absent from the command line stay absent (their defaults are the options')."""
+    from synthseg_jax.inference.outputs import OUTPUT_KINDS   # numpy, nibabel: inside main's guard
+
     parser = argparse.ArgumentParser(prog="mri_synthseg_jax", description=FLAGS_HELP,
                                      argument_default=argparse.SUPPRESS)
     add = parser.add_argument
@@ -74,6 +76,15 @@ def options_from_flags(flags: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit code as ``pipeline.run``'s; Ctrl-C while it starts is one line and 130 too."""
+    interrupts.install()
+    try:
+        return checked_main(argv)
+    except KeyboardInterrupt:
+        return interrupts.interrupted_while_starting()
+
+
+def checked_main(argv: list[str] | None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     if not argv:

@@ -7,17 +7,33 @@ wherever the package is installed:
 The same pipeline is installed as ``mri_synthseg_jax``, which takes mri_synthseg's own flags.
 """
 
+from __future__ import annotations
+
 import re
 import sys
+from typing import TYPE_CHECKING
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
-
+from synthseg_jax import interrupts
 from synthseg_jax.package_data import config_dir
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 
 def main() -> None:
+    """Ctrl-C while the program starts (Hydra, jax and the models load for seconds) ends it with
+    one line and exit code 130, as it does once scans are being segmented."""
+    interrupts.install()
+    try:
+        checked_main()
+    except KeyboardInterrupt:
+        sys.exit(interrupts.interrupted_while_starting())
+
+
+def checked_main() -> None:
     """Unknown keys are refused here, in one line, before Hydra would refuse them in six."""
+    import hydra
+
     from synthseg_jax.inference.options import UsageError, check_keys
 
     keys = [arg.split("=", 1)[0].lstrip("+~") for arg in sys.argv[1:]
@@ -28,7 +44,7 @@ def main() -> None:
     except UsageError as err:
         print(f"ERROR {err}", file=sys.stderr)
         sys.exit(1)
-    predict()
+    hydra.main(version_base=None, config_path=config_dir(), config_name="predict")(predict)()
 
 
 HYDRA_SPECIAL = re.compile(r"(?<!\\)[,()=]")   # not escaped with a backslash
@@ -48,9 +64,10 @@ def check_path_quoting(args: list[str]) -> None:
                              f"\"{key}='{value}'\" (or use mri_synthseg_jax --{key})")
 
 
-@hydra.main(version_base=None, config_path=config_dir(), config_name="predict")
 def predict(cfg: DictConfig) -> None:
     # jax is imported only after the device and thread settings are in place
+    from omegaconf import OmegaConf
+
     from synthseg_jax.inference.options import PredictOptions, UsageError
     from synthseg_jax.inference.pipeline import run
     from synthseg_jax.inference.runtime import configure_runtime, setup_logging

@@ -251,6 +251,7 @@ class PaddedResult:
     sums: np.ndarray                      # per non-background channel, inside the unpadded region
                                           # (as the original sums them: see original_sums)
     parc_sums: np.ndarray | None
+    parc_posteriors: np.ndarray | None    # (X, Y, Z, n_parc) cleaned, with the posteriors
     qc_scores: np.ndarray | None
     seconds: dict[str, float]
 
@@ -409,7 +410,7 @@ class Predictor:
         parc_sums = original_sums(parc, pad_idx, np.float32) if parc is not None else None
         seconds["volumes"] = time.perf_counter() - start
         return PaddedResult(seg=seg, posteriors=post if posteriors else None, sums=sums,
-                            parc_sums=parc_sums,
+                            parc_sums=parc_sums, parc_posteriors=parc if posteriors else None,
                             qc_scores=np.asarray(out["qc"]) if "qc" in out else None, seconds=seconds)
 
     def __call__(self, image: np.ndarray) -> NetworkOutput:

@@ -30,10 +30,10 @@ from synthseg_jax.inference.options import PredictOptions, UsageError
 from synthseg_jax.inference.outputs import OUTPUT_KINDS, ScanResult, write_content
 from synthseg_jax.inference.planning import Job, check_outputs, plan_outputs, resolve_dirs
 from synthseg_jax.inference.preprocess import preprocess
+from synthseg_jax import interrupts
 from synthseg_jax.scans import AtomicWriter, ScanError, load_scan
 
 log = logging.getLogger("synthseg_jax.inference")
-INTERRUPTED = 130   # the shell's exit status for Ctrl-C (128 + SIGINT)
 
 
 @dataclasses.dataclass
@@ -113,18 +113,23 @@ class Runner:
                      f"background", err=True)
         prep = preprocess(scan, crop=self.opts.crop, ct=self.opts.ct, min_pad=self.opts.min_pad)
         lap("preprocess")
-        posteriors = any(OUTPUT_KINDS[key].needs_posteriors for key in job.paths)
+        write_posteriors = any(OUTPUT_KINDS[key].needs_posteriors for key in job.paths)
+        keepgeom = self.opts.keepgeom and prep.resampled is not None
+        posteriors = write_posteriors or keepgeom     # keepgeom's labels come from them
         net = self.predictor.predict(prep.image, prep.pad_idx, posteriors=posteriors,
                                      volume_dtype=volume_dtype(prep.crop_idx is not None),
                                      alignment=prep.alignment)
         mark = time.perf_counter()
-        seg = to_scan_grid(net.seg, prep)
         post = to_scan_grid(net.posteriors, prep, fill_background=True) if posteriors else None
         affine = prep.affine
-        keepgeom = self.opts.keepgeom and prep.resampled is not None
         if keepgeom:
-            seg, post = to_input_grid(seg, post, prep)
+            parc = (to_scan_grid(net.parc_posteriors, prep, fill_background=True)
+                    if net.parc_posteriors is not None else None)
+            seg, post = to_input_grid(post, prep, self.tables.segmentation, parc,
+                                      self.tables.parcellation, keep_posteriors=write_posteriors)
             affine = prep.input_affine
+        else:
+            seg = to_scan_grid(net.seg, prep)
         volumes = assemble_volumes(net.sums, self.tables.segmentation, prep.voxel_size,
                                    self.mode.v1, net.parc_sums)
         result = ScanResult(
@@ -138,6 +143,7 @@ class Runner:
         if not np.any(seg):
             self.say(f"WARNING: {job.image}: the segmentation is empty (no structure found); is "
                      f"this a brain scan, with the whole head in the field of view?", err=True)
+        interrupts.check()   # Ctrl-C during the scan: write nothing
         notes, rows = self._write(job, result)
         lap("write")
         for key, row in rows.items():
@@ -186,7 +192,8 @@ class Runner:
                    disable=not self.opts.progress or None, dynamic_ncols=True)
         for job in bar:
             try:
-                summary.seconds.append(self.segment(job))
+                with interrupts.deferred():
+                    summary.seconds.append(self.segment(job))
                 summary.done.append(job.image)
             except KeyboardInterrupt:
                 raise
@@ -226,9 +233,9 @@ def run(opts: PredictOptions | Mapping[str, Any], stdout: TextIO | None = None,
         if not isinstance(opts, PredictOptions):
             opts = PredictOptions.from_mapping(opts)
         runner = Runner(opts, stdout=stdout, stderr=stderr)
+        interrupts.check()
     except KeyboardInterrupt:
-        print("ERROR interrupted before any scan was segmented", file=stderr)
-        return INTERRUPTED
+        return interrupts.interrupted_while_starting(stderr)
     except Exception as err:
         print(f"ERROR {_one_line(err)}", file=stderr)
         return 1
@@ -239,4 +246,4 @@ def run(opts: PredictOptions | Mapping[str, Any], stdout: TextIO | None = None,
     except KeyboardInterrupt:   # the scan in progress wrote nothing (AtomicWriter)
         print("ERROR interrupted; the scans finished before it are written, the one in progress "
               "left no output", file=stderr)
-        return INTERRUPTED
+        return interrupts.INTERRUPTED

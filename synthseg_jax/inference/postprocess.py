@@ -274,10 +274,50 @@ def to_scan_grid(volume: np.ndarray, prep: Preprocessed, fill_background: bool =
     return np.ascontiguousarray(prep.alignment.from_ras(volume))
 
 
-def to_input_grid(seg: np.ndarray, post: np.ndarray | None, prep: Preprocessed):
-    """keepgeom: segmentation (nearest) and posteriors (linear, renormalised) on the input's grid."""
-    seg = resample_like(seg, prep.affine, prep.input_shape, prep.input_affine, order=0)
-    if post is not None:
-        post = resample_like(post, prep.affine, prep.input_shape, prep.input_affine, order=1)
-        renormalise(post)
-    return seg, post
+def to_input_grid(post: np.ndarray, prep: Preprocessed, labels: np.ndarray,
+                  parc: np.ndarray | None = None, parc_labels: np.ndarray | None = None,
+                  keep_posteriors: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """keepgeom: the segmentation (and, if ``keep_posteriors``, the renormalised posteriors) on
+    the input's own grid, from the cleaned posteriors ``post`` (and the parcellation's ``parc``)
+    on the scan's 1 mm grid.
+
+    The labels are the argmax of the posteriors resampled linearly onto the input's grid, not
+    the 1 mm labels resampled by nearest neighbour (FreeSurfer 8's ``--keepgeom``, surfa's
+    ``resample_like(method='nearest')``): at even factors (a 2 mm scan from its 1 mm grid) every
+    input voxel centre lies halfway between 1 mm centres, so nearest neighbour breaks a tie
+    per axis by rounding, which depends on the direction the file stores each axis in (a RAS
+    and an LPS copy disagreed on 11 % of labelled voxels, and the labels shifted ~0.5 mm per
+    axis). Linear weights at a world position do not depend on storage order, and the labels
+    then agree with the posteriors written beside them. Cortex voxels take the argmax of the
+    resampled parcellation posteriors (background excluded), as at 1 mm. One channel is
+    resampled at a time, so only the posteriors asked for are ever held on the input's grid."""
+    index, resampled = _argmax_on_input_grid(post, prep, keep_posteriors)
+    seg = np.asarray(labels)[index]
+    if parc is not None:
+        cortex = np.isin(seg, CORTEX_LABELS)
+        parc_index, _ = _argmax_on_input_grid(parc[..., 1:], prep, False)
+        seg = np.where(cortex, np.asarray(parc_labels)[1:][parc_index], seg)
+    if resampled is not None:
+        renormalise(resampled)
+    return seg.astype(np.int32), resampled
+
+
+def _argmax_on_input_grid(volume: np.ndarray, prep: Preprocessed, keep: bool
+                          ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Channel index of the largest linearly resampled value (the first on ties), and the
+    resampled channels if ``keep``."""
+    shape = tuple(prep.input_shape)
+    kept = np.empty(shape + volume.shape[3:], dtype=np.float32) if keep else None
+    best = index = None
+    for channel in range(volume.shape[-1]):
+        values = resample_like(np.ascontiguousarray(volume[..., channel]), prep.affine, shape,
+                               prep.input_affine, order=1)
+        if kept is not None:
+            kept[..., channel] = values
+        if best is None:
+            best, index = values, np.zeros(shape, dtype=np.int32)
+        else:
+            larger = values > best
+            index[larger] = channel
+            np.maximum(best, values, out=best)
+    return index, kept

@@ -269,3 +269,35 @@ def test_ctrl_c_during_prediction_is_one_line(tmp_path, dirs, entry):
     written = os.listdir(out)
     assert written and all(not f.startswith(".") for f in written)   # no temporaries left
     assert len(written) < 40
+
+
+@pytest.mark.parametrize("entry", ["hydra", "flags"])
+def test_ctrl_c_while_starting_is_one_line(tmp_path, dirs, entry):
+    """Ctrl-C while the program starts (importing Hydra and jax, loading the models, compiling)
+    printed a KeyboardInterrupt traceback, or was swallowed by jax's garbage-collector callback
+    ("Exception ignored") and the scan went on: a real process, SIGINT at several moments."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = nifti(tmp_path / "s.nii.gz", good_data((40, 44, 36)))
+    if entry == "hydra":
+        repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        cmd = [sys.executable, os.path.join(repo, "predict.py"), f"i={src}", f"o={tmp_path / 'o.nii.gz'}",
+               "device=cpu", "progress=false", f"models_dir={dirs['models_dir']}",
+               f"labels_dir={dirs['labels_dir']}"]
+    else:
+        cmd = [os.path.join(os.path.dirname(sys.executable), "mri_synthseg_jax"), "--i", src,
+               "--o", str(tmp_path / "o.nii.gz"), "--cpu", "--no-progress",
+               "--models_dir", dirs["models_dir"], "--labels_dir", dirs["labels_dir"]]
+    for delay in (0.4, 1.0, 2.0, 3.0):
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                cwd=tmp_path)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+        assert "Traceback" not in stdout + stderr and "KeyboardInterrupt" not in stderr, (delay, stderr)
+        assert proc.returncode == 130, (delay, stderr)
+        assert len(error_lines(stderr)) == 1 and "ERROR interrupted" in stderr, (delay, stderr)
+        assert not os.path.exists(tmp_path / "o.nii.gz")
