@@ -230,13 +230,26 @@ def test_empty_segmentation_warns(tmp_path, labels_dir):
     assert f"WARNING: {src}: the segmentation is empty" in stderr
 
 
+def predict_command(entry, src, out, dirs):
+    """A real process: ``predict.py`` (Hydra keys) or ``mri_synthseg_jax`` (the original's flags)."""
+    import sys
+
+    if entry == "hydra":
+        repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        return [sys.executable, os.path.join(repo, "predict.py"), f"i={src}", f"o={out}",
+                "device=cpu", "progress=false", f"models_dir={dirs['models_dir']}",
+                f"labels_dir={dirs['labels_dir']}"]
+    return [os.path.join(os.path.dirname(sys.executable), "mri_synthseg_jax"), "--i", str(src),
+            "--o", str(out), "--cpu", "--no-progress", "--models_dir", dirs["models_dir"],
+            "--labels_dir", dirs["labels_dir"]]
+
+
 @pytest.mark.parametrize("entry", ["hydra", "flags"])
 def test_ctrl_c_during_prediction_is_one_line(tmp_path, dirs, entry):
     """Ctrl-C printed a KeyboardInterrupt traceback (issue 19, item 9): a real process, a real
     SIGINT in the middle of a batch; the scans done are kept, the one in progress left nothing."""
     import signal
     import subprocess
-    import sys
     import time
 
     folder = tmp_path / "scans"
@@ -244,16 +257,7 @@ def test_ctrl_c_during_prediction_is_one_line(tmp_path, dirs, entry):
     for n in range(40):
         nifti(folder / f"s{n:02d}.nii.gz", good_data((40, 44, 36), seed=n))
     out = tmp_path / "out"
-    if entry == "hydra":
-        repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        cmd = [sys.executable, os.path.join(repo, "predict.py"), f"i={folder}", f"o={out}",
-               "device=cpu", "progress=false", f"models_dir={dirs['models_dir']}",
-               f"labels_dir={dirs['labels_dir']}"]
-    else:
-        cmd = [os.path.join(os.path.dirname(sys.executable), "mri_synthseg_jax"), "--i", str(folder),
-               "--o", str(out), "--cpu", "--no-progress", "--models_dir", dirs["models_dir"],
-               "--labels_dir", dirs["labels_dir"]]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen(predict_command(entry, folder, out, dirs), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=tmp_path)
     deadline = time.monotonic() + 300
     while not (out.is_dir() and any(not f.startswith(".") for f in os.listdir(out))):
@@ -278,19 +282,10 @@ def test_ctrl_c_while_starting_is_one_line(tmp_path, dirs, entry):
     ("Exception ignored") and the scan went on: a real process, SIGINT at several moments."""
     import signal
     import subprocess
-    import sys
     import time
 
     src = nifti(tmp_path / "s.nii.gz", good_data((40, 44, 36)))
-    if entry == "hydra":
-        repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        cmd = [sys.executable, os.path.join(repo, "predict.py"), f"i={src}", f"o={tmp_path / 'o.nii.gz'}",
-               "device=cpu", "progress=false", f"models_dir={dirs['models_dir']}",
-               f"labels_dir={dirs['labels_dir']}"]
-    else:
-        cmd = [os.path.join(os.path.dirname(sys.executable), "mri_synthseg_jax"), "--i", src,
-               "--o", str(tmp_path / "o.nii.gz"), "--cpu", "--no-progress",
-               "--models_dir", dirs["models_dir"], "--labels_dir", dirs["labels_dir"]]
+    cmd = predict_command(entry, src, tmp_path / "o.nii.gz", dirs)
     for delay in (0.4, 1.0, 2.0, 3.0):
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 cwd=tmp_path)
