@@ -165,7 +165,29 @@ def at_voxel_size(network: Any, x: jax.Array, voxel_size: float) -> jax.Array:
     pooled = x.reshape(b, spatial[0] // factor, factor, spatial[1] // factor, factor,
                        spatial[2] // factor, factor, c).mean(axis=(2, 4, 6))
     logits = network(pooled)
-    return jax.image.resize(logits, (b, *spatial, logits.shape[-1]), method="linear")
+    for axis in (1, 2, 3):
+        logits = upsample_linear(logits, axis, factor)
+    return logits
+
+
+def upsample_linear(x: jax.Array, axis: int, factor: int) -> jax.Array:
+    """``jax.image.resize(..., method='linear')`` by an integer ``factor`` along one axis (same
+    half-voxel sample positions, edge values repeated), written as the two-tap stencil it is:
+    output ``factor * i + p`` mixes input ``i`` with its neighbour at ``(p + 0.5) / factor - 0.5``.
+    Equal to the resize within float rounding (2e-7 at factor 2), and about 10x faster on CPU,
+    where the resize's dense per-axis weight matrices took most of a 2 mm network's run."""
+    n = x.shape[axis]
+    index = jnp.arange(n)
+    before = jnp.take(x, jnp.maximum(index - 1, 0), axis=axis)
+    after = jnp.take(x, jnp.minimum(index + 1, n - 1), axis=axis)
+    phases = []
+    for p in range(factor):
+        offset = (p + 0.5) / factor - 0.5
+        neighbour = before if offset < 0 else after
+        phases.append(x if offset == 0 else (1 - abs(offset)) * x + abs(offset) * neighbour)
+    shape = list(x.shape)
+    shape[axis] = n * factor
+    return jnp.stack(phases, axis=axis + 1).reshape(shape)
 
 
 def gaussian_weights(sigma: float) -> np.ndarray:

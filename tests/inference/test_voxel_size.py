@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from synthseg_jax.inference.network import at_voxel_size
+from synthseg_jax.inference.network import at_voxel_size, upsample_linear
 from synthseg_jax.inference.options import PredictOptions
 from synthseg_jax.inference.pipeline import run
 from synthseg_jax.labels import LabelTables
@@ -30,6 +30,17 @@ def test_coarse_model_sees_pooled_image_and_returns_full_grid():
     assert out.shape == x.shape
     inner = (slice(None), slice(1, -1), slice(1, -1), slice(1, -1))
     np.testing.assert_allclose(np.asarray(out)[inner], np.asarray(x)[inner], atol=1e-4)
+
+
+@pytest.mark.parametrize("factor", [2, 3])
+def test_upsampling_stencil_equals_jax_linear_resize(factor):
+    """The stencil replaces jax.image.resize(method='linear'): same samples, edges included."""
+    x = jnp.asarray(np.random.default_rng(factor).normal(size=(2, 5, 6, 7, 3)), jnp.float32)
+    expected = jax.image.resize(x, (2, 5 * factor, 6 * factor, 7 * factor, 3), method="linear")
+    out = x
+    for axis in (1, 2, 3):
+        out = upsample_linear(out, axis, factor)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), atol=5e-6)
 
 
 def test_one_mm_model_is_untouched():
