@@ -148,12 +148,15 @@ class Runner:
         if not np.any(seg):
             self.say(f"WARNING: {job.image}: the segmentation is empty (no structure found); is "
                      f"this a brain scan, with the whole head in the field of view?", err=True)
+        record = None
+        if self.plan.run_files:   # before writing: a failure here leaves no output
+            record = scan_record(job.image, result, self.columns["vol"], self.columns["qc"])
+            lap("report")
         interrupts.check()   # Ctrl-C during the scan: write nothing
         notes, rows = self._write(job, result)
-        if self.plan.run_files:
-            self.records.append(scan_record(job.image, result, self.columns["vol"],
-                                            self.columns["qc"]))
         lap("write")
+        if record is not None:
+            self.records.append(record)
         for key, row in rows.items():
             self.batch_tables[key].add(row)
         for note in notes:

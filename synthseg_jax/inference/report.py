@@ -5,8 +5,8 @@ segmented scan's three orthogonal slices, QC scores and volumes.
 
 A scan is flagged when (``flag_scans``):
 
-* any of its QC scores is below ``QC_THRESHOLD`` (0.65, the threshold under which SynthSeg+'s
-  paper, Billot et al. PNAS 2023, counts a structure's segmentation as failed); or
+* any of its QC scores is below ``QC_THRESHOLD`` (0.65, the original's threshold for a QC score;
+  SynthSeg+, Billot et al., PNAS 2023); or
 * with at least ``MIN_SCANS_FOR_VOLUMES`` segmented scans in the run, any structure's volume lies
   outside the cohort's median +- ``MAD_FENCE`` scaled median absolute deviations (MAD x 1.4826,
   the standard deviation's robust stand-in; Leys et al. 2013); a structure whose MAD is 0 has no
@@ -15,12 +15,13 @@ A scan is flagged when (``flag_scans``):
 The rule is a pointer for a person, not a verdict: the fences come from the run's own scans, so a
 cohort of one population flags the scans unlike the others, whatever the cause.
 
-NiPreps' ``nireports`` (the reportlet convention of fMRIPrep and friends) is not used: it pulls
-nipype, pybids, templateflow, pandas, seaborn and nilearn (52 packages here), its reports are
-assembled from a BIDS derivatives folder of reportlet files that the HTML links to (not one
-self-contained file), and its segmentation reportlets are SVGs of contours on a template-space
-anatomy, not FreeSurfer-coloured label overlays. A jinja2 template (``report.html.j2``) does the
-one page this needs.
+NiPreps' ``nireports`` (the reportlet convention of fMRIPrep and MRIQC) is not used, having been
+tried (26.0.0): it installs 65 distributions (nipype, pybids, templateflow, pandas, seaborn,
+scikit-learn, nilearn, ...; 667 MB in a fresh environment), importing it lays a TemplateFlow cache
+in the home folder, its assembler indexes a BIDS derivatives folder of reportlet files that the
+page links to (``<img src="./...">``, not one self-contained file) and loads Bootstrap and jQuery
+from CDNs (unstyled offline), and its segmentation reportlets are contours, not
+FreeSurfer-coloured labels. A jinja2 template (``report.html.j2``) makes the one page this needs.
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ TEMPLATE = "report.html.j2"
 
 @dataclasses.dataclass(frozen=True)
 class ScanRecord:
-    """What the report shows of one segmented scan (kept for the whole run: the PNG, not the
-    volumes' images)."""
+    """What the report shows of one segmented scan; kept until the run ends, so the overlay as PNG
+    bytes, not the images."""
 
     image: str
     subject: str

@@ -124,6 +124,24 @@ def test_report_is_written_when_every_scan_fails(tmp_path, models_dir, labels_di
     assert f"report in {report}" in stdout
 
 
+def test_a_report_that_cannot_be_written_is_one_error_line(tmp_path, models_dir, labels_dir,
+                                                           monkeypatch):
+    from synthseg_jax.inference import pipeline
+
+    def disk_full(path, *args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pipeline, "write_report", disk_full)
+    scan = make_scan(tmp_path / "s.nii.gz")
+    report = tmp_path / "r.html"
+    code, stdout, stderr = call(dict(i=scan, o=str(tmp_path / "seg.nii.gz"), report=str(report),
+                                     models_dir=models_dir, labels_dir=labels_dir, fast=True))
+    assert code == 1 and os.path.isfile(tmp_path / "seg.nii.gz")
+    assert stderr.strip().splitlines()[-1] == (f"ERROR {report}: cannot write the report "
+                                               f"([Errno 28] No space left on device)")
+    assert "report in" not in stdout and "Traceback" not in stderr
+
+
 # ------------------------------------------------------------------------------------------------
 # The real process and a real browser
 # ------------------------------------------------------------------------------------------------
