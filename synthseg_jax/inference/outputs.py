@@ -4,14 +4,16 @@ Each entry is one output kind; the options (``options.PredictOptions``), the pla
 (``planning.plan_outputs``), the writing (``pipeline.Runner``) and both command lines read it, so a
 new output is one entry here and its key, with its comment, in ``configs/predict.yaml``.
 
-Two scopes:
+Three scopes:
 
 * ``scan``: one file per scan (segmentation, posteriors, resampled image, overlay); given a folder,
   each scan's file is named after it (``folder_name``); ``render`` makes the file's content from a
   ``ScanResult`` (None: nothing to write for this scan, ``skipped_note`` says why);
 * ``table``: one row per scan (volumes, QC scores): one file for all scans, or, when ``i`` is a
   ``.txt`` list, possibly a ``.txt`` list of one file per scan; ``columns`` and ``row`` give its
-  content. A per-subject table or a cohort report is another entry of this scope.
+  content. A per-subject table is another entry of this scope;
+* ``run``: one file for the whole run (the HTML report), made once at the end from every scan's
+  record and the failures (``report.py``); never a ``.txt`` list.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class FileForm:
 IMAGE = FileForm(".nii, .nii.gz or .mgz", IMAGE_EXTENSIONS, strict=True)
 PNG = FileForm(".png", (".png",), strict=False)
 CSV = FileForm(".csv", (".csv",), strict=False)
+HTML = FileForm(".html", (".html", ".htm"), strict=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,14 +83,14 @@ class OutputKind:
     key: str
     help: str
     form: FileForm
-    scope: Literal["scan", "table"]
+    scope: Literal["scan", "table", "run"]
     folder_name: str = ""                 # scan scope: "{stem}" and "{ext}" of the input
     render: Callable[[ScanResult], Content | None] | None = None
     skipped_note: str = ""                # said when ``render`` gives nothing
     needs_posteriors: bool = False
     columns: Callable[[LabelTables, bool], list[str]] | None = None   # table scope (tables, parc)
     row: Callable[[ScanResult], list[str] | None] | None = None       # None: no row for this scan
-    what: str = ""                        # table scope: how the summary names the file
+    what: str = ""                        # table and run scopes: how the summary names the file
 
 
 def write_content(writer: AtomicWriter, content: Content, path: str) -> None:
@@ -126,5 +129,8 @@ _KINDS = [
     OutputKind("qc", "(optional) CSV file with the QC scores of all subjects.", CSV, "table",
                columns=lambda tables, parc: qc_columns(tables), row=lambda r: r.qc_scores,
                what="QC scores"),
+    OutputKind("report", "(optional) HTML report of the run: each scan's overlay, volumes and QC "
+                         "scores, the scans outside the cohort's range, the failures.", HTML, "run",
+               what="report"),
 ]
 OUTPUT_KINDS: dict[str, OutputKind] = {kind.key: kind for kind in _KINDS}

@@ -5,6 +5,8 @@ goes on; the summary lists the failures and the exit code is 1. A problem with t
 (bad options, a models folder lacking a file) stops it before anything is written. Each scan's
 files are written under temporary names and renamed together at the end, so a failure leaves no
 partial output. What is written, and where, comes from the output table (``outputs.py``).
+With ``report``, each segmented scan leaves a record and the HTML report (``report.py``) is
+written once at the end, failures included.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from synthseg_jax.inference.options import PredictOptions, UsageError
 from synthseg_jax.inference.outputs import OUTPUT_KINDS, ScanResult, write_content
 from synthseg_jax.inference.planning import Job, check_outputs, plan_outputs, resolve_dirs
 from synthseg_jax.inference.preprocess import preprocess
+from synthseg_jax.inference.report import ScanRecord, scan_record, write_report
 from synthseg_jax import interrupts
 from synthseg_jax.scans import AtomicWriter, ScanError, load_scan
 
@@ -41,10 +44,11 @@ class Summary:
     done: list[str]
     failed: list[tuple[str, str]]
     seconds: list[float]
+    run_errors: list[str] = dataclasses.field(default_factory=list)   # the report not written
 
     @property
     def exit_code(self) -> int:
-        return 1 if self.failed else 0
+        return 1 if self.failed or self.run_errors else 0
 
 
 def _one_line(err: BaseException) -> str:
@@ -79,6 +83,7 @@ class Runner:
                         for key, kind in OUTPUT_KINDS.items() if kind.scope == "table"}
         self.batch_tables = {key: CsvTable(path, self.columns[key])
                              for key, path in self.plan.tables.items()}
+        self.records: list[ScanRecord] = []   # for the report, one per segmented scan
 
     def say(self, message: str, err: bool = False) -> None:
         from tqdm import tqdm
@@ -143,9 +148,15 @@ class Runner:
         if not np.any(seg):
             self.say(f"WARNING: {job.image}: the segmentation is empty (no structure found); is "
                      f"this a brain scan, with the whole head in the field of view?", err=True)
+        record = None
+        if self.plan.run_files:   # before writing: a failure here leaves no output
+            record = scan_record(job.image, result, self.columns["vol"], self.columns["qc"])
+            lap("report")
         interrupts.check()   # Ctrl-C during the scan: write nothing
         notes, rows = self._write(job, result)
         lap("write")
+        if record is not None:
+            self.records.append(record)
         for key, row in rows.items():
             self.batch_tables[key].add(row)
         for note in notes:
@@ -205,8 +216,20 @@ class Runner:
                 self.say(f"ERROR {message}", err=True)
                 log.debug("scan failed", exc_info=True)
         bar.close()
+        self._write_report(summary)
         self.report(summary)
         return summary
+
+    def _write_report(self, summary: Summary) -> None:
+        path = self.plan.run_files.get("report")
+        if path is None:
+            return
+        about = {"input": os.path.abspath(self.opts.i), "mode": self.mode.describe(),
+                 "program": f"synthseg-jax {_version()}"}
+        try:
+            write_report(path, self.records, summary.failed, about)
+        except OSError as err:
+            summary.run_errors.append(f"{path}: cannot write the report ({err})")
 
     def report(self, summary: Summary) -> None:
         jobs = self.plan.jobs
@@ -221,6 +244,20 @@ class Runner:
             self.say(f"{len(summary.failed)} of {len(jobs)} scan(s) failed:", err=True)
             for _, message in summary.failed:
                 self.say(f"  {message}", err=True)
+        for message in summary.run_errors:
+            self.say(f"ERROR {message}", err=True)
+        if not summary.run_errors:
+            for key, path in self.plan.run_files.items():
+                self.say(f"{OUTPUT_KINDS[key].what} in {path}")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("synthseg-jax")
+    except PackageNotFoundError:   # run from a checkout that was not installed
+        return "(not installed)"
 
 
 def run(opts: PredictOptions | Mapping[str, Any], stdout: TextIO | None = None,

@@ -6,7 +6,8 @@
 * ``i`` a ``.txt`` list of paths: every per-scan output given must be a ``.txt`` list of the same
   length;
 * tables (``vol``, ``qc``): one CSV for all scans (``.csv`` added if missing), whatever ``i`` is,
-  or, when ``i`` is a ``.txt`` list, a ``.txt`` list of per-scan CSVs.
+  or, when ``i`` is a ``.txt`` list, a ``.txt`` list of per-scan CSVs;
+* run files (``report``): one file for the run (``.html`` added if missing), never a list.
 
 Every rule reads the output table (``outputs.OUTPUT_KINDS``); nothing here names a kind.
 """
@@ -40,6 +41,7 @@ class Job:
 class Plan:
     jobs: list[Job]
     tables: dict[str, str] = dataclasses.field(default_factory=dict)  # one file for all scans
+    run_files: dict[str, str] = dataclasses.field(default_factory=dict)  # written once, at the end
     notes: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -64,7 +66,7 @@ def _in_folder(folder: str, kind: OutputKind, image: str) -> str:
     return os.path.join(folder, kind.folder_name.format(stem=stem, ext=image_extension(name) or ""))
 
 
-def _table_file(path: str, kind: OutputKind, notes: list[str]) -> str:
+def _single_file(path: str, kind: OutputKind, notes: list[str]) -> str:
     if not kind.form.matches(path):
         notes.append(f"{kind.key} given without {kind.form.extensions[0]} extension; "
                      f"writing {path}{kind.form.extensions[0]}")
@@ -84,10 +86,18 @@ def plan_outputs(opts: PredictOptions) -> Plan:
         raise UsageError("no output: give o=<image, folder or .txt list> (--o)")
     src = _absolute(opts.i)
     given = {key: _absolute(path) for key, path in opts.outputs.items()}
+    notes: list[str] = []
+    run_files = {}
+    for key in [k for k in given if OUTPUT_KINDS[k].scope == "run"]:
+        path = given.pop(key)
+        if path.lower().endswith(".txt"):
+            raise UsageError(f"{key} is one file for the whole run, not a .txt list (got {path})")
+        run_files[key] = _single_file(path, OUTPUT_KINDS[key], notes)
     kinds = [OUTPUT_KINDS[key] for key in given]
 
     if src.lower().endswith(".txt"):
-        return _plan_lists(src, given)
+        plan = _plan_lists(src, given)
+        return dataclasses.replace(plan, run_files=run_files, notes=notes + plan.notes)
     for key, path in given.items():
         if path.lower().endswith(".txt"):
             raise UsageError(f"{key} can only be a .txt list when i is one (got {path})")
@@ -114,11 +124,10 @@ def plan_outputs(opts: PredictOptions) -> Plan:
         path = given[kind.key]
         return path if kind.form.matches(path) else _in_folder(path, kind, image)
 
-    notes: list[str] = []
     jobs = [Job(image=image, paths={k.key: place(k, image) for k in kinds if k.scope == "scan"})
             for image in images]
-    tables = {k.key: _table_file(given[k.key], k, notes) for k in kinds if k.scope == "table"}
-    return Plan(jobs=jobs, tables=tables, notes=notes)
+    tables = {k.key: _single_file(given[k.key], k, notes) for k in kinds if k.scope == "table"}
+    return Plan(jobs=jobs, tables=tables, run_files=run_files, notes=notes)
 
 
 def _plan_lists(src: str, given: dict[str, str]) -> Plan:
@@ -131,7 +140,7 @@ def _plan_lists(src: str, given: dict[str, str]) -> Plan:
     for key, path in given.items():
         kind = OUTPUT_KINDS[key]
         if kind.scope == "table" and not path.lower().endswith(".txt"):
-            tables[key] = _table_file(path, kind, notes)
+            tables[key] = _single_file(path, kind, notes)
             continue
         if not path.lower().endswith(".txt"):
             raise UsageError(f"i is a .txt list, so {key} must be a .txt list too (got {path})")
@@ -150,7 +159,7 @@ def check_outputs(plan: Plan) -> None:
     inputs = {os.path.realpath(job.image) for job in plan.jobs}
     seen: dict[str, str] = {}
     outputs = [(key, path) for job in plan.jobs for key, path in job.paths.items()]
-    for key, path in outputs + list(plan.tables.items()):
+    for key, path in outputs + list(plan.tables.items()) + list(plan.run_files.items()):
         form = OUTPUT_KINDS[key].form
         if form.strict and not form.matches(path):
             raise UsageError(f"{path}: {key} needs a {form.description} extension")

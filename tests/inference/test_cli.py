@@ -49,6 +49,11 @@ def test_defaults_follow_the_original(captured, monkeypatch, tmp_path):
     assert captured["opts"].models_dir == str(tmp_path / "models")
 
 
+def test_report_flag(captured):
+    assert cli.main(["--i", "scans/", "--o", "segs/", "--report", "run.html"]) == 0
+    assert captured["opts"].output("report") == "run.html"
+
+
 def test_no_arguments_prints_help(capsys):
     assert cli.main([]) == 1
     assert "--keepgeom" in capsys.readouterr().out

@@ -183,8 +183,8 @@ def test_plan_outputs_kinds(tmp_path):
 
 
 def test_every_output_kind_is_planned_from_the_table(tmp_path):
-    """Folders for every output: per-scan kinds named after each scan, tables one file; from a
-    .txt list, one path per scan for every kind."""
+    """Folders for every output: per-scan kinds named after each scan, tables and run files one
+    file; from a .txt list, one path per scan for every kind but the run's files."""
     scans = tmp_path / "scans"
     scans.mkdir()
     images = [make_scan(scans / name) for name in ("a.nii.gz", "b.mgz")]
@@ -196,16 +196,22 @@ def test_every_output_kind_is_planned_from_the_table(tmp_path):
                              for k in scan_kinds}
     assert plan.tables == {k.key: given[k.key] + ".csv" for k in OUTPUT_KINDS.values()
                            if k.scope == "table"}
+    run_kinds = [k for k in OUTPUT_KINDS.values() if k.scope == "run"]
+    assert run_kinds and plan.run_files == {k.key: given[k.key] + k.form.extensions[0]
+                                            for k in run_kinds}
 
     (tmp_path / "in.txt").write_text("\n".join(images) + "\n")
     lists = {}
-    for key in OUTPUT_KINDS:
+    listed = [k.key for k in OUTPUT_KINDS.values() if k.scope != "run"]
+    for key in listed:
         lists[key] = [str(tmp_path / f"{key}{n}") for n in range(2)]
         (tmp_path / f"{key}.txt").write_text("\n".join(lists[key]) + "\n")
     plan = plan_outputs(PredictOptions.create(i=str(tmp_path / "in.txt"),
-                                              **{key: str(tmp_path / f"{key}.txt") for key in OUTPUT_KINDS}))
+                                              **{key: str(tmp_path / f"{key}.txt") for key in listed},
+                                              **{k.key: given[k.key] for k in run_kinds}))
     assert plan.tables == {}
-    assert [job.paths for job in plan.jobs] == [{key: lists[key][n] for key in OUTPUT_KINDS}
+    assert plan.run_files == {k.key: given[k.key] + k.form.extensions[0] for k in run_kinds}
+    assert [job.paths for job in plan.jobs] == [{key: lists[key][n] for key in listed}
                                                 for n in range(2)]
 
 
