@@ -2,9 +2,12 @@
 
     mri_synthseg_jax --i IN --o OUT [--parc --robust --fast --vol CSV --qc CSV --post P
                      --resample R --crop N [N N] --threads T --cpu --v1 --ct --keepgeom]
+    mri_synthseg_jax BIDS_DIR OUT_DIR participant [--participant-label 01 02] [--suffix T1w T2w]
 
-accepts exactly the original's flags (so scripts switch by changing the program's name), plus
-``--models_dir``, ``--labels_dir``, ``--device``, ``--overlay`` and ``--no-progress``. The flags map
+accepts exactly the original's flags (so scripts switch by changing the program's name), FreeSurfer
+8's (``--autocrop``, ``--addctab``/``--noaddctab``, ``--model``), plus ``--models_dir``,
+``--labels_dir``, ``--device``, ``--overlay``, ``--channels`` and ``--no-progress``; the second
+form is the BIDS-App command line (other flags as in the first). The flags map
 onto the same options as ``predict.py``'s keys (``PredictOptions``, defaults from
 ``configs/predict.yaml``; one flag per entry of the output table), except two defaults that follow
 the original: one thread, and the models folder ``$SYNTHSEG_JAX_MODELS``, else
@@ -31,6 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mri_synthseg_jax", description=FLAGS_HELP,
                                      argument_default=argparse.SUPPRESS)
     add = parser.add_argument
+    add("bids_dir", nargs="?", help="(BIDS-App form) The BIDS dataset to segment.")
+    add("output_dir", nargs="?", help="(BIDS-App form) The BIDS-Derivatives folder to write.")
+    add("analysis_level", nargs="?",
+        help="(BIDS-App form) participant: segment each scan (the group tables come with it).")
+    add("--participant-label", "--participant_label", dest="participant_label", nargs="+",
+        help="(BIDS-App form) Only these subjects (without 'sub-').")
+    add("--suffix", nargs="+", help="(BIDS-App form) Anatomical suffixes to segment (default T1w).")
     add("--i", help="Image(s) to segment: an image, a folder, or a .txt list of paths.")
     for kind in OUTPUT_KINDS.values():
         add(f"--{kind.key}", help=kind.help)
@@ -38,12 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
     add("--robust", action="store_true", help="(optional) SynthSeg-robust (slower; implies --fast).")
     add("--fast", action="store_true", help="(optional) Bypass some processing for faster prediction.")
     add("--crop", nargs="+", help="(optional) Only analyse a centred patch of this size.")
+    add("--autocrop", action="store_true",
+        help="(optional) Crop to the head's bounding box (multiples of 32); not with --crop.")
     add("--threads", help=f"(optional) Number of CPU threads. Default is {DEFAULT_THREADS}.")
     add("--cpu", action="store_true", help="(optional) Run on the CPU even if a GPU is present.")
     add("--v1", action="store_true", help="(optional) Use SynthSeg 1.0.")
     add("--ct", action="store_true", help="(optional) CT scan: clip intensities to [0, 80].")
     add("--keepgeom", action="store_true",
         help="(optional) Write the segmentation/posteriors on the input's voxel grid, not 1 mm.")
+    add("--addctab", action="store_true",
+        help="(optional) FreeSurfer's colour table in .mgz segmentations (a .ctab beside others).")
+    add("--noaddctab", dest="addctab", action="store_false", help="(optional) No colour table.")
+    add("--model", dest="model_file", help="(optional) An alternative segmentation model (.h5).")
+    add("--channels", choices=["mean", "first"],
+        help="(optional) Multi-channel input: mean of the channels (FreeSurfer 8, default) or the "
+             "first (FreeSurfer 7.3.2).")
     # ours
     add("--models_dir", help="(optional) FreeSurfer-style models/ folder with the .h5 weights.")
     add("--labels_dir", help="(optional) Folder with the label .npy files (default: the models folder "
@@ -66,7 +85,19 @@ def default_models_dir() -> str | None:
 
 def options_from_flags(flags: dict[str, Any]) -> dict[str, Any]:
     """The given flags as option values, with the original's defaults for threads and models."""
+    from synthseg_jax.inference.options import UsageError
+
     values = dict(flags)
+    bids_app = [values.pop(key, None) for key in ("bids_dir", "output_dir", "analysis_level")]
+    if any(bids_app):
+        if not all(bids_app):
+            raise UsageError("the BIDS-App form needs BIDS_DIR OUT_DIR participant")
+        if "o" in values:
+            raise UsageError("the BIDS-App form takes its output folder as OUT_DIR, not --o")
+        if bids_app[2] != "participant":
+            raise UsageError(f"analysis level: only participant is supported (the group tables are "
+                             f"written with it), got {bids_app[2]!r}")
+        values.update(bids=bids_app[0], o=bids_app[1])
     if values.pop("cpu", False):
         values["device"] = "cpu"
     values.setdefault("threads", DEFAULT_THREADS)

@@ -31,3 +31,13 @@ def default_models_dir() -> str:
 def label_tables_dir() -> str:
     """SynthSeg's label tables (Apache-2.0), used when a models folder does not hold its own."""
     return os.path.join(_package_dir("synthseg_jax"), "label_tables")
+
+
+def package_version() -> str:
+    """The installed distribution's version, for reports and BIDS' ``GeneratedBy``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("synthseg-jax")
+    except PackageNotFoundError:   # run from a checkout that was not installed
+        return "(not installed)"

@@ -58,7 +58,7 @@ def check_path_quoting(args: list[str]) -> None:
 
     for arg in args:
         key, _, value = arg.partition("=")
-        if (key in ("i", "models_dir", "labels_dir", *OUTPUT_KINDS) and HYDRA_SPECIAL.search(value)
+        if (key in ("i", "bids", "model_file", "models_dir", "labels_dir", *OUTPUT_KINDS) and HYDRA_SPECIAL.search(value)
                 and value[:1] not in "'\""):
             raise UsageError(f"{key}: a path with , ( ) or = must be quoted for Hydra, e.g. "
                              f"\"{key}='{value}'\" (or use mri_synthseg_jax --{key})")

@@ -1,10 +1,13 @@
-"""Scans on disk: reading NIfTI/MGZ into a ``Scan`` (one-line ``ScanError`` for every bad file),
-and writing outputs atomically.
+"""Scans on disk: reading NIfTI/MGZ/NPZ into a ``Scan`` (one-line ``ScanError`` for every bad
+file), and writing outputs atomically.
 
 Semantics follow what ``mri_synthseg`` does to an input (see REFERENCE.md):
 
-* a scan is squeezed; 3-D is the normal case, 4-D keeps its first channel (with a warning); fewer
-  than 3 or more than 4 dimensions is an error;
+* a scan is squeezed; 3-D is the normal case; 4-D with up to 10 channels is reduced to the mean of
+  its channels (FreeSurfer 8) or its first channel (7.3.2, ``channels="first"``), with a warning;
+  fewer than 3 or more than 4 dimensions is an error;
+* ``.npz`` (FreeSurfer 8): the array ``vol_data``, on an identity affine with 1 mm voxels and a
+  blank NIfTI header, as FreeSurfer 8 reads it; an ``.npz`` output holds ``vol_data`` likewise;
 * NaN or infinite voxels (outside the brain of masked or SPM-normalised images) become background,
   the lowest finite value (with a warning giving their number); an image with no finite value is
   an error;
@@ -15,14 +18,17 @@ Semantics follow what ``mri_synthseg`` does to an input (see REFERENCE.md):
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import os
 import tempfile
 
 import nibabel as nib
 import numpy as np
 
-IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".mgz")
+IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".mgz", ".npz")
+IMAGE_DESCRIPTION = ".nii, .nii.gz, .mgz or .npz"
 MAX_CHANNELS = 10  # a trailing axis this short is read as channels, as the original does
+NPZ_ARRAY = "vol_data"  # the array FreeSurfer 8 reads from, and writes to, an .npz file
 
 
 class ScanError(ValueError):
@@ -30,7 +36,7 @@ class ScanError(ValueError):
 
 
 def image_extension(path: str) -> str | None:
-    """The image extension of ``path`` (``.nii.gz``, ``.nii`` or ``.mgz``), or None."""
+    """The image extension of ``path`` (``.nii.gz``, ``.nii``, ``.mgz`` or ``.npz``), or None."""
     lower = path.lower()
     for ext in IMAGE_EXTENSIONS:
         if lower.endswith(ext):
@@ -45,7 +51,7 @@ def strip_image_extension(name: str) -> str:
 
 @dataclasses.dataclass
 class Scan:
-    """A scan as read from disk, reduced to one 3-D channel."""
+    """A scan as read from disk, reduced to one 3-D channel (``n_channels`` were on disk)."""
 
     path: str
     data: np.ndarray          # (X, Y, Z) float64, as nibabel's get_fdata gives it
@@ -61,31 +67,55 @@ def _one_line(err: BaseException) -> str:
     return text[0] if text else type(err).__name__
 
 
-def load_scan(path: str, check_values: bool = True) -> Scan:
-    """Read a NIfTI/MGZ scan; every problem is a ``ScanError`` naming the file."""
+def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header, np.ndarray]:
+    """(data, affine, header, zooms) of FreeSurfer 8's ``.npz`` layout."""
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            if NPZ_ARRAY not in arrays.files:
+                raise ScanError(f"{path}: no '{NPZ_ARRAY}' array in this .npz (it holds "
+                                f"{', '.join(arrays.files) or 'nothing'})")
+            data = np.asarray(arrays[NPZ_ARRAY])
+    except ScanError:
+        raise
+    except Exception as err:  # not a zip, a pickled object array, a truncated file
+        raise ScanError(f"{path}: cannot read image ({_one_line(err)})") from None
+    if not (np.issubdtype(data.dtype, np.number) or data.dtype == bool):
+        raise ScanError(f"{path}: '{NPZ_ARRAY}' holds {data.dtype} values, not numbers")
+    return data.astype(np.float64), np.eye(4), nib.Nifti1Header(), np.ones(3)
+
+
+def load_scan(path: str, check_values: bool = True, channels: str = "mean") -> Scan:
+    """Read a NIfTI/MGZ/NPZ scan; every problem is a ``ScanError`` naming the file. A 4-D scan's
+    channels become their mean (``channels="mean"``) or the first one (``"first"``)."""
     if image_extension(path) is None:
-        raise ScanError(f"{path}: unsupported file type; use .nii, .nii.gz or .mgz")
+        raise ScanError(f"{path}: unsupported file type; use {IMAGE_DESCRIPTION}")
     if not os.path.exists(path):
         raise ScanError(f"{path}: file not found")
     if not os.path.isfile(path):
         raise ScanError(f"{path}: not a file")
     if not os.access(path, os.R_OK):
         raise ScanError(f"{path}: file not readable (permission denied)")
-    try:
-        img = nib.load(path)
-        data = np.asarray(img.get_fdata(dtype=np.float64))
-    except Exception as err:  # nibabel raises many types for corrupt/truncated files
-        raise ScanError(f"{path}: cannot read image ({_one_line(err)})") from None
+    if image_extension(path) == ".npz":
+        data, affine, header, zooms = _read_npz(path)
+    else:
+        try:
+            img = nib.load(path)
+            data = np.asarray(img.get_fdata(dtype=np.float64))
+        except Exception as err:  # nibabel raises many types for corrupt/truncated files
+            raise ScanError(f"{path}: cannot read image ({_one_line(err)})") from None
+        affine, header = np.asarray(img.affine, dtype=np.float64), img.header
+        zooms = np.asarray(img.header.get_zooms()[:3], dtype=np.float64)
+    shape = tuple(data.shape)
     data = np.squeeze(data)
     n_channels = 1
     if data.ndim < 3:
         raise ScanError(f"{path}: image has {data.ndim} dimension(s) of size >1 (shape "
-                        f"{tuple(img.shape)}); a 3-D scan is needed")
+                        f"{shape}); a 3-D scan is needed")
     if data.ndim == 4 and data.shape[-1] <= MAX_CHANNELS:
         n_channels = data.shape[-1]
-        data = data[..., 0]
+        data = data.mean(axis=-1) if channels == "mean" else data[..., 0]
     elif data.ndim > 3:
-        raise ScanError(f"{path}: image has {data.ndim} dimensions (shape {tuple(img.shape)}); "
+        raise ScanError(f"{path}: image has {data.ndim} dimensions (shape {shape}); "
                         f"a 3-D scan (or 4-D with one frame) is needed")
     non_finite = 0
     if check_values:
@@ -99,11 +129,9 @@ def load_scan(path: str, check_values: bool = True) -> Scan:
             value = float(data.flat[0]) if data.size else 0.0
             what = "all zero" if value == 0 else f"constant ({value:g})"
             raise ScanError(f"{path}: image is {what}; nothing to segment")
-    affine = np.asarray(img.affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise ScanError(f"{path}: the image's affine (voxel-to-world matrix) is singular or invalid")
-    zooms = np.asarray(img.header.get_zooms()[:3], dtype=np.float64)
-    return Scan(path=path, data=data, affine=affine, header=img.header, zooms=zooms,
+    return Scan(path=path, data=data, affine=affine, header=header, zooms=zooms,
                 n_channels=n_channels, non_finite=non_finite)
 
 
@@ -111,11 +139,15 @@ def load_scan(path: str, check_values: bool = True) -> Scan:
 # Writing
 # ------------------------------------------------------------------------------------------------
 
-def _make_image(data: np.ndarray, affine: np.ndarray, header, path: str, dtype) -> nib.spatialimages.SpatialImage:
+def _make_array(data: np.ndarray, dtype) -> np.ndarray:
     data = np.asarray(data)
     if np.issubdtype(np.dtype(dtype), np.integer) and not np.issubdtype(data.dtype, np.integer):
         data = np.round(data)
-    data = data.astype(dtype, copy=False)
+    return data.astype(dtype, copy=False)
+
+
+def _make_image(data: np.ndarray, affine: np.ndarray, header, path: str, dtype) -> nib.spatialimages.SpatialImage:
+    data = _make_array(data, dtype)
     if image_extension(path) == ".mgz":
         img = nib.MGHImage(data, affine, header if isinstance(header, nib.freesurfer.mghformat.MGHHeader) else None)
     else:
@@ -124,6 +156,15 @@ def _make_image(data: np.ndarray, affine: np.ndarray, header, path: str, dtype) 
         img.header.set_slope_inter(1, 0)
     img.set_data_dtype(dtype)
     return img
+
+
+def _append_mgh_tags(path: str, tags: bytes) -> None:
+    """nibabel writes an MGH file's header, data and five-float footer; FreeSurfer reads tags
+    after that footer, inside the same gzip stream."""
+    with gzip.open(path, "rb") as handle:
+        content = handle.read()
+    with gzip.open(path, "wb") as handle:
+        handle.write(content + tags)
 
 
 def temporary_path(path: str) -> str:
@@ -211,10 +252,17 @@ class AtomicWriter:
         self._pending.append((tmp, path))
         return tmp
 
-    def image(self, data: np.ndarray, affine: np.ndarray, header, path: str, dtype) -> None:
+    def image(self, data: np.ndarray, affine: np.ndarray, header, path: str, dtype,
+              mgh_tags: bytes = b"") -> None:
+        """``mgh_tags``: FreeSurfer tags appended after an ``.mgz``'s footer (ignored otherwise)."""
         tmp = self._reserve(path)
         try:
-            nib.save(_make_image(data, affine, header, path, dtype), tmp)
+            if image_extension(path) == ".npz":   # FreeSurfer 8's layout: the voxels alone
+                np.savez_compressed(tmp, **{NPZ_ARRAY: _make_array(data, dtype)})
+            else:
+                nib.save(_make_image(data, affine, header, path, dtype), tmp)
+                if mgh_tags and image_extension(path) == ".mgz":
+                    _append_mgh_tags(tmp, mgh_tags)
         except OSError as err:
             raise ScanError(f"{path}: cannot write ({err.strerror or err})") from None
 

@@ -55,7 +55,7 @@ def write_nifti(path, data, aff=None):
     return str(path)
 
 
-def test_load_scan_squeezes_and_keeps_first_channel(tmp_path):
+def test_load_scan_squeezes_and_averages_channels_or_keeps_the_first(tmp_path):
     rng = np.random.default_rng(0)
     data = rng.normal(size=(6, 7, 8, 1))
     scan = load_scan(write_nifti(tmp_path / "a.nii.gz", data))
@@ -63,7 +63,9 @@ def test_load_scan_squeezes_and_keeps_first_channel(tmp_path):
     data = rng.normal(size=(6, 7, 8, 3))
     scan = load_scan(write_nifti(tmp_path / "b.nii.gz", data))
     assert scan.n_channels == 3
-    np.testing.assert_allclose(scan.data, data[..., 0])
+    np.testing.assert_allclose(scan.data, data.mean(axis=-1))          # FreeSurfer 8
+    scan = load_scan(write_nifti(tmp_path / "b.nii.gz", data), channels="first")
+    np.testing.assert_allclose(scan.data, data[..., 0])                # FreeSurfer 7.3.2
 
 
 @pytest.mark.parametrize("shape,match", [

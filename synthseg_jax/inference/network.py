@@ -113,9 +113,10 @@ class Networks:
 
 
 def load_networks(models_dir: str, mode: Mode, labels_dir: str | None = None,
-                  conv_dtype: str = "float32") -> Networks:
+                  conv_dtype: str = "float32", model: str | None = None) -> Networks:
     """Read every network ``mode`` needs from a FreeSurfer-style models folder, its convolutions'
-    products in ``conv_dtype`` ('float32' or 'bfloat16').
+    products in ``conv_dtype`` ('float32' or 'bfloat16'); ``model``: another file for the
+    segmenter (FreeSurfer 8's ``--model``).
 
     Any missing or unusable file is a ``ModelError`` naming it, raised before anything is written.
     """
@@ -123,7 +124,8 @@ def load_networks(models_dir: str, mode: Mode, labels_dir: str | None = None,
         raise ModelError(f"{models_dir}: models folder not found")
     if labels_dir is not None and not os.path.isdir(labels_dir):
         raise ModelError(f"{labels_dir}: labels folder not found")
-    models = ModelsDir(models_dir, labels_dir=labels_dir)
+    overrides = {mode.segmenter_kind: model} if model else {}
+    models = ModelsDir(models_dir, labels_dir=labels_dir, overrides=overrides)
     kinds = [mode.segmenter_kind] + (["parc"] if mode.parc else []) + (["qc"] if mode.qc else [])
     loaded, voxel_sizes = {}, {}
     kind = "labels"

@@ -32,8 +32,10 @@ CONFIG_NAME = "predict.yaml"
 BOOLEAN_WORDS = {"true": True, "yes": True, "on": True, "1": True,
                  "false": False, "no": False, "off": False, "0": False}
 Size3 = tuple[int, int, int]
+Names = tuple[str, ...]
 Device = Literal["auto", "cpu", "gpu", "tpu"]
 Precision = Literal["float32", "bf16"]
+Channels = Literal["mean", "first"]
 
 
 class UsageError(ValueError):
@@ -48,13 +50,20 @@ class PredictOptions:
 
     i: str | None
     outputs: Mapping[str, str]          # output kind key (o, post, vol, ...) -> path, given ones only
+    bids: str | None                    # a BIDS dataset instead of i (o: its derivatives folder)
+    participant_label: Names | None
+    suffix: Names
     parc: bool
     robust: bool
     fast: bool
     v1: bool
     crop: Size3 | None
+    autocrop: bool
     ct: bool
     keepgeom: bool
+    addctab: bool
+    channels: Channels
+    model_file: str | None              # --model (Hydra reads "model=" as the training group)
     models_dir: str | None
     labels_dir: str | None
     threads: int | None
@@ -72,6 +81,21 @@ class PredictOptions:
             raise UsageError(f"qc_crop_size: expected a positive integer, got {self.qc_crop_size}")
         if self.robust and self.v1:
             raise UsageError("robust cannot be combined with v1: SynthSeg-robust only exists for 2.0")
+        if self.autocrop and self.crop is not None:
+            raise UsageError("autocrop cannot be combined with crop: give one of them")
+        if self.model_file is not None and self.robust:
+            raise UsageError("model_file (--model) cannot be combined with robust: it replaces the "
+                             "2.0 (or 1.0) segmenter, robust runs its own cascade")
+        if self.model_file is not None and not self.model_file.lower().endswith(".h5"):
+            raise UsageError(f"model_file: expected a Keras .h5 weight file, got "
+                             f"{self.model_file!r}")
+        if self.bids is not None and self.i is not None:
+            raise UsageError("give either i (an image, folder or .txt list) or bids (a BIDS "
+                             "dataset), not both")
+        if self.bids is None and self.participant_label is not None:
+            raise UsageError("participant_label needs bids=<BIDS dataset>")
+        if not self.suffix:
+            raise UsageError("suffix: expected one or more BIDS suffixes, e.g. [T1w,T2w]")
 
     @classmethod
     def create(cls, **values: Any) -> "PredictOptions":
@@ -141,6 +165,8 @@ def _parse(name: str, hint: Any, value: Any) -> Any:
         raise UsageError(f"{name}: expected a path or name, got {value!r}")
     if hint == Size3:
         return _size3(name, value)
+    if hint == Names:
+        return _names(name, value)
     if typing.get_origin(hint) is Literal:
         choices = typing.get_args(hint)
         if isinstance(value, str) and value.lower() in choices:
@@ -179,3 +205,12 @@ def _size3(name: str, value: Any) -> Size3:
     if len(sizes) != 3 or any(s <= 0 for s in sizes):
         raise UsageError(f"{name}: expected one positive integer or three, got {value!r}")
     return tuple(sizes)
+
+
+def _names(name: str, value: Any) -> Names:
+    """One name or several (``suffix=T1w``, ``suffix=[T1w,T2w]``, ``--suffix T1w T2w``)."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not all(isinstance(v, (str, int)) and not isinstance(v, bool) and str(v).strip()
+               for v in values):
+        raise UsageError(f"{name}: expected a name or a list of names, got {value!r}")
+    return tuple(str(v).strip() for v in values)

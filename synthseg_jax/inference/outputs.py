@@ -26,7 +26,7 @@ import numpy as np
 
 from synthseg_jax.inference.csv_files import qc_columns, volume_columns
 from synthseg_jax.labels import LabelTables
-from synthseg_jax.scans import IMAGE_EXTENSIONS, AtomicWriter
+from synthseg_jax.scans import IMAGE_DESCRIPTION, IMAGE_EXTENSIONS, AtomicWriter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +41,7 @@ class FileForm:
         return path.lower().endswith(self.extensions)
 
 
-IMAGE = FileForm(".nii, .nii.gz or .mgz", IMAGE_EXTENSIONS, strict=True)
+IMAGE = FileForm(IMAGE_DESCRIPTION, IMAGE_EXTENSIONS, strict=True)
 PNG = FileForm(".png", (".png",), strict=False)
 CSV = FileForm(".csv", (".csv",), strict=False)
 HTML = FileForm(".html", (".html", ".htm"), strict=False)
@@ -93,9 +93,9 @@ class OutputKind:
     what: str = ""                        # table and run scopes: how the summary names the file
 
 
-def write_content(writer: AtomicWriter, content: Content, path: str) -> None:
+def write_content(writer: AtomicWriter, content: Content, path: str, mgh_tags: bytes = b"") -> None:
     if isinstance(content, ImageContent):
-        writer.image(content.data, content.affine, content.header, path, content.dtype)
+        writer.image(content.data, content.affine, content.header, path, content.dtype, mgh_tags)
     else:
         writer.bytes(content, path)
 

@@ -28,13 +28,22 @@ from synthseg_jax.inference.csv_files import (
     single_scan_csv,
     subject_name,
 )
+from synthseg_jax.inference.bids import plan_bids
+from synthseg_jax.inference.colour_table import colour_table, ctab_text, mgh_colour_table_tag
 from synthseg_jax.inference.options import PredictOptions, UsageError
 from synthseg_jax.inference.outputs import OUTPUT_KINDS, ScanResult, write_content
 from synthseg_jax.inference.planning import Job, check_outputs, plan_outputs, resolve_dirs
 from synthseg_jax.inference.preprocess import preprocess
 from synthseg_jax.inference.report import ScanRecord, scan_record, write_report
 from synthseg_jax import interrupts
-from synthseg_jax.scans import AtomicWriter, ScanError, load_scan
+from synthseg_jax.package_data import package_version
+from synthseg_jax.scans import (
+    AtomicWriter,
+    ScanError,
+    image_extension,
+    load_scan,
+    strip_image_extension,
+)
 
 log = logging.getLogger("synthseg_jax.inference")
 
@@ -44,11 +53,12 @@ class Summary:
     done: list[str]
     failed: list[tuple[str, str]]
     seconds: list[float]
+    errors: list[str] = dataclasses.field(default_factory=list)   # the plan's, not a scan's
     run_errors: list[str] = dataclasses.field(default_factory=list)   # the report not written
 
     @property
     def exit_code(self) -> int:
-        return 1 if self.failed or self.run_errors else 0
+        return 1 if self.failed or self.errors or self.run_errors else 0
 
 
 def _one_line(err: BaseException) -> str:
@@ -71,12 +81,15 @@ class Runner:
         self.stderr = stderr or sys.stderr
         self.mode = Mode(robust=opts.robust, fast=opts.fast, v1=opts.v1, parc=opts.parc,
                          qc=opts.output("qc") is not None)
-        self.plan = plan_outputs(opts)
+        self.plan = plan_bids(opts) if opts.bids else plan_outputs(opts)
         check_outputs(self.plan)
+        # BIDS derivatives without a space entity lie on their source's grid
+        self.keepgeom = opts.keepgeom or opts.bids is not None
         models_dir, labels_dir = resolve_dirs(opts)
         conv_dtype = "bfloat16" if opts.precision == "bf16" else "float32"
-        self.networks = load_networks(models_dir, self.mode, labels_dir, conv_dtype)
+        self.networks = load_networks(models_dir, self.mode, labels_dir, conv_dtype, opts.model_file)
         self.tables = self.networks.tables
+        self.ctab = colour_table(self.tables, self.mode.parc) if opts.addctab else None
         self.predictor = Predictor(self.networks, self.mode, qc_crop_size=opts.qc_crop_size)
         self.timings: list[dict[str, float]] = []   # per scan: compile, network, components, ...
         self.columns = {key: kind.columns(self.tables, self.mode.parc)
@@ -109,17 +122,20 @@ class Runner:
             stages[name] = stages.get(name, 0.0) + now - mark
             mark = now
 
-        scan = load_scan(job.image)
+        scan = load_scan(job.image, channels=self.opts.channels)
         lap("read")
         if scan.n_channels > 1:
-            self.say(f"WARNING: {job.image}: {scan.n_channels} channels, only the first is used", err=True)
+            used = ("their mean is used (channels=first: the first, as FreeSurfer 7)"
+                    if self.opts.channels == "mean" else "only the first is used")
+            self.say(f"WARNING: {job.image}: {scan.n_channels} channels, {used}", err=True)
         if scan.non_finite:
             self.say(f"WARNING: {job.image}: {scan.non_finite} NaN or infinite voxel(s) taken as "
                      f"background", err=True)
-        prep = preprocess(scan, crop=self.opts.crop, ct=self.opts.ct, min_pad=self.opts.min_pad)
+        prep = preprocess(scan, crop=self.opts.crop, ct=self.opts.ct, min_pad=self.opts.min_pad,
+                          autocrop=self.opts.autocrop)
         lap("preprocess")
         write_posteriors = any(OUTPUT_KINDS[key].needs_posteriors for key in job.paths)
-        keepgeom = self.opts.keepgeom and prep.resampled is not None
+        keepgeom = self.keepgeom and prep.resampled is not None
         posteriors = write_posteriors or keepgeom     # keepgeom's labels come from them
         net = self.predictor.predict(prep.image, prep.pad_idx, posteriors=posteriors,
                                      volume_dtype=volume_dtype(prep.crop_idx is not None),
@@ -181,9 +197,13 @@ class Runner:
                     if content is None:
                         notes.append(kind.skipped_note)
                     else:
-                        write_content(writer, content, path)
+                        write_content(writer, content, path, self._embedded_ctab(key, path))
+                        if (beside := self._ctab_beside(key, path)) is not None:
+                            writer.text(ctab_text(self.ctab), beside)
                 elif (row := kind.row(result)) is not None:
                     writer.text(single_scan_csv(self.columns[key], [result.subject] + row), path)
+            for path, text in job.sidecars.items():
+                writer.text(text, path)
             for key, table in self.batch_tables.items():
                 row = OUTPUT_KINDS[key].row(result)
                 if row is not None:
@@ -192,13 +212,33 @@ class Runner:
             writer.commit()
         return notes, rows
 
+    def _embedded_ctab(self, key: str, path: str) -> bytes:
+        """With ``addctab``, the tag that embeds the colour table in an ``.mgz`` segmentation."""
+        if key == "o" and self.ctab is not None and image_extension(path) == ".mgz":
+            return mgh_colour_table_tag(self.ctab)
+        return b""
+
+    def _ctab_beside(self, key: str, path: str) -> str | None:
+        """With ``addctab``, where another format's segmentation gets its ``.ctab`` (none in BIDS
+        mode: the ``_dseg.tsv`` is the table there)."""
+        if key != "o" or self.ctab is None or image_extension(path) == ".mgz" or self.opts.bids:
+            return None
+        return strip_image_extension(path) + ".ctab"
+
     def run(self) -> Summary:
         from tqdm import tqdm
 
         jobs = self.plan.jobs
         for note in self.plan.notes:
             self.say(note)
-        summary = Summary(done=[], failed=[], seconds=[])
+        summary = Summary(done=[], failed=[], seconds=[], errors=list(self.plan.errors))
+        for error in summary.errors:   # e.g. an unknown participant label: the rest go on
+            self.say(f"ERROR {error}", err=True)
+        if self.plan.files:
+            with AtomicWriter() as writer:
+                for path, text in self.plan.files.items():
+                    writer.text(text, path)
+                writer.commit()
         bar = tqdm(jobs, desc="predicting", unit="scan", file=self.stderr,
                    disable=not self.opts.progress or None, dynamic_ncols=True)
         for job in bar:
@@ -225,7 +265,7 @@ class Runner:
         if path is None:
             return
         about = {"input": os.path.abspath(self.opts.i), "mode": self.mode.describe(),
-                 "program": f"synthseg-jax {_version()}"}
+                 "program": f"synthseg-jax {package_version()}"}
         try:
             write_report(path, self.records, summary.failed, about)
         except OSError as err:
@@ -236,6 +276,8 @@ class Runner:
         if summary.done:
             seg = jobs[0].paths["o"]
             where = seg if len(jobs) == 1 else os.path.dirname(seg)
+            if self.opts.bids:
+                where = os.path.abspath(self.opts.output("o"))
             self.say(f"{len(summary.done)} of {len(jobs)} scan(s) segmented "
                      f"({np.mean(summary.seconds):.1f} s per scan); segmentation(s) in {where}")
             for key, path in self.plan.tables.items():
@@ -244,20 +286,14 @@ class Runner:
             self.say(f"{len(summary.failed)} of {len(jobs)} scan(s) failed:", err=True)
             for _, message in summary.failed:
                 self.say(f"  {message}", err=True)
+        for error in summary.errors:
+            self.say(f"ERROR {error}", err=True)
         for message in summary.run_errors:
             self.say(f"ERROR {message}", err=True)
         if not summary.run_errors:
             for key, path in self.plan.run_files.items():
                 self.say(f"{OUTPUT_KINDS[key].what} in {path}")
 
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("synthseg-jax")
-    except PackageNotFoundError:   # run from a checkout that was not installed
-        return "(not installed)"
 
 
 def run(opts: PredictOptions | Mapping[str, Any], stdout: TextIO | None = None,
@@ -277,7 +313,8 @@ def run(opts: PredictOptions | Mapping[str, Any], stdout: TextIO | None = None,
         print(f"ERROR {_one_line(err)}", file=stderr)
         return 1
     precision = ", bfloat16 convolution products" if opts.precision == "bf16" else ""
-    print(runner.mode.describe() + precision, file=stdout)
+    model = f", segmenter {opts.model_file}" if opts.model_file else ""
+    print(runner.mode.describe() + model + precision, file=stdout)
     try:
         return runner.run().exit_code
     except KeyboardInterrupt:   # the scan in progress wrote nothing (AtomicWriter)

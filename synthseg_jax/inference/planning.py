@@ -20,7 +20,13 @@ import os
 from synthseg_jax.inference.options import PredictOptions, UsageError
 from synthseg_jax.inference.outputs import OUTPUT_KINDS, OutputKind
 from synthseg_jax.package_data import default_models_dir, label_tables_dir
-from synthseg_jax.scans import ScanError, check_writable, image_extension, strip_image_extension
+from synthseg_jax.scans import (
+    IMAGE_DESCRIPTION,
+    ScanError,
+    check_writable,
+    image_extension,
+    strip_image_extension,
+)
 
 LABEL_FILE = "synthseg_segmentation_labels_2.0.npy"
 MODELS_ENV = "SYNTHSEG_JAX_MODELS"
@@ -28,10 +34,12 @@ MODELS_ENV = "SYNTHSEG_JAX_MODELS"
 
 @dataclasses.dataclass
 class Job:
-    """One scan and the files written for it alone, by output kind key."""
+    """One scan and the files written for it alone, by output kind key; ``sidecars``: metadata
+    files (path -> text) written together with them (BIDS' JSON and look-up table)."""
 
     image: str
     paths: dict[str, str]
+    sidecars: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def outputs(self) -> list[str]:
         return list(self.paths.values())
@@ -43,6 +51,8 @@ class Plan:
     tables: dict[str, str] = dataclasses.field(default_factory=dict)  # one file for all scans
     run_files: dict[str, str] = dataclasses.field(default_factory=dict)  # written once, at the end
     notes: list[str] = dataclasses.field(default_factory=list)
+    errors: list[str] = dataclasses.field(default_factory=list)   # reported; the run goes on, exit 1
+    files: dict[str, str] = dataclasses.field(default_factory=dict)  # path -> text, once per run
 
 
 def _read_list(path: str, what: str) -> list[str]:
@@ -81,7 +91,8 @@ def _absolute(path: str) -> str:
 def plan_outputs(opts: PredictOptions) -> Plan:
     """Every scan with its output paths, following the kind of ``i``; ``UsageError`` on mismatch."""
     if not opts.i:
-        raise UsageError("no input: give i=<image, folder or .txt list> (--i)")
+        raise UsageError("no input: give i=<image, folder or .txt list> (--i), or "
+                         "bids=<BIDS dataset>")
     if not opts.output("o"):
         raise UsageError("no output: give o=<image, folder or .txt list> (--o)")
     src = _absolute(opts.i)
@@ -107,14 +118,14 @@ def plan_outputs(opts: PredictOptions) -> Plan:
             raise UsageError(f"{src}: file not found")
         images = [src]
     elif os.path.isfile(src):
-        raise UsageError(f"{src}: unsupported input; give a .nii, .nii.gz or .mgz image, a folder, "
+        raise UsageError(f"{src}: unsupported input; give a {IMAGE_DESCRIPTION} image, a folder, "
                          f"or a .txt list")
     elif not os.path.isdir(src):
         raise UsageError(f"{src}: input not found")
     else:
         images = list_images(src)
         if not images:
-            raise UsageError(f"{src}: no .nii, .nii.gz or .mgz image in this folder")
+            raise UsageError(f"{src}: no {IMAGE_DESCRIPTION} image in this folder")
         for kind in kinds:
             if kind.scope == "scan" and kind.form.matches(given[kind.key]):
                 raise UsageError(f"i is a folder, so {kind.key} must be a folder too "

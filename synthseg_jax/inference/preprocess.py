@@ -2,8 +2,9 @@
 
 Order: read (squeeze, first channel) -> resample to 1 mm if any voxel size is outside
 [0.95, 1.05] -> align to RAS (permutations/flips) -> optional centre crop to multiples of 32 ->
-CT clipping to [0, 80] -> rescale to [0, 1] between the 0.5 and 99.5 percentiles -> zero-pad to a
-multiple of 32 and at least 128 (or the crop size) per axis. Every step that changes geometry is
+CT clipping to [0, 80] -> rescale to [0, 1] between the 0.5 and 99.5 percentiles -> optional crop
+to the head's bounding box (``autocrop``, FreeSurfer 8) -> zero-pad to a multiple of 32 and at
+least 128 (or the crop size) per axis. Every step that changes geometry is
 recorded so that ``postprocess`` can undo it.
 """
 
@@ -65,6 +66,21 @@ def pad_indices(shape: tuple[int, ...], pad_shape: tuple[int, ...]) -> tuple[np.
     return np.concatenate([before, before + shape]), [(int(b), int(a)) for b, a in zip(before, after)]
 
 
+def head_box(normalised: np.ndarray, multiple: int) -> np.ndarray | None:
+    """FreeSurfer 8's ``--autocrop`` window [x0, y0, z0, x1, y1, z1]: the bounding box of the
+    voxels above zero after rescaling, one voxel wider, grown to multiples of ``multiple`` around
+    it and clipped to the volume. None when no voxel is above zero (nothing to crop to)."""
+    above = np.argwhere(normalised > 0)
+    if above.size == 0:
+        return None
+    low, high = above.min(axis=0), above.max(axis=0)
+    extent = high - low + 2
+    window = np.array([round_up(e, multiple) for e in extent])
+    start = np.maximum(low - (window - extent) // 2, 0)
+    stop = np.minimum(start + window, normalised.shape[:3])
+    return np.concatenate([start, stop])
+
+
 @dataclasses.dataclass
 class Preprocessed:
     """The network input and everything needed to map the prediction back onto the scan."""
@@ -87,8 +103,9 @@ class Preprocessed:
 
 
 def preprocess(scan: Scan, crop=None, ct: bool = False, min_pad=None,
-               n_levels: int = N_LEVELS) -> Preprocessed:
-    """The original's ``preprocess`` on an already-read scan."""
+               n_levels: int = N_LEVELS, autocrop: bool = False) -> Preprocessed:
+    """The original's ``preprocess`` on an already-read scan (``autocrop``: FreeSurfer 8's, not
+    with ``crop``)."""
     multiple = 2 ** n_levels
     volume, affine = scan.data, scan.affine
     voxel_size = np.asarray(scan.zooms, dtype=np.float64)
@@ -111,6 +128,13 @@ def preprocess(scan: Scan, crop=None, ct: bool = False, min_pad=None,
     if ct:
         aligned = np.clip(aligned, 0, 80)
     normalised = rescale_percentiles(np.asarray(aligned, dtype=np.float64))
+    if autocrop:
+        if crop_idx is not None:
+            raise ValueError("autocrop cannot be combined with crop")
+        crop_idx = head_box(normalised, multiple)
+        if crop_idx is not None:
+            normalised = normalised[crop_idx[0]:crop_idx[3], crop_idx[1]:crop_idx[4],
+                                    crop_idx[2]:crop_idx[5]]
 
     if min_pad is None:
         min_pad = crop if crop is not None else DEFAULT_MIN_PAD

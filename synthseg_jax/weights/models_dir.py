@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -153,15 +154,23 @@ class ModelsDir:
     """A folder holding ``synthseg_*.h5`` weights and the label ``.npy`` files.
 
     The label files may live in another folder (``labels_dir``), so a model trained here ships its
-    weights without copying the published label tables.
+    weights without copying the published label tables. ``overrides`` replaces a kind's file by
+    another one anywhere (FreeSurfer 8's ``--model``); its voxel size is read from it, or from an
+    ``architecture.json`` beside it.
     """
 
     path: str
     labels_dir: str | None = None
+    overrides: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def weights_file(self, kind: str) -> str:
         if kind not in MODEL_FILES:
             raise ValueError(f"unknown network kind {kind!r}; expected one of {sorted(MODEL_FILES)}")
+        if kind in self.overrides:
+            path = self.overrides[kind]
+            if not os.path.isfile(path):
+                raise WeightFileError(f"{path}: model file not found")
+            return path
         path = os.path.join(self.path, MODEL_FILES[kind])
         if not os.path.isfile(path):
             raise WeightFileError(f"{path}: weight file missing from the models folder {self.path}; "
@@ -196,7 +205,7 @@ class ModelsDir:
             f"{self.path}, or add the entry to {ARCHITECTURE_FILE}")
 
     def _architecture_voxel_size(self, kind: str) -> float | None:
-        path = os.path.join(self.path, ARCHITECTURE_FILE)
+        path = os.path.join(os.path.dirname(self.weights_file(kind)), ARCHITECTURE_FILE)
         if not os.path.isfile(path):
             return None
         try:

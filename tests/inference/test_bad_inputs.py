@@ -123,7 +123,7 @@ def test_unsupported_input_type_and_empty_folder(tmp_path, dirs):
     check_failure(code, stdout, stderr, "scan.img", "unsupported input")
     (tmp_path / "empty").mkdir()
     code, stdout, stderr = call(i=str(tmp_path / "empty"), o=str(tmp_path / "o"), **dirs)
-    check_failure(code, stdout, stderr, "no .nii, .nii.gz or .mgz image")
+    check_failure(code, stdout, stderr, "no .nii, .nii.gz, .mgz or .npz image")
 
 
 @pytest.mark.parametrize("missing", ["synthseg_parc_2.0.h5", "synthseg_2.0.h5", "synthseg_qc_2.0.h5"])

@@ -38,6 +38,23 @@ def test_original_flags_map_to_options(captured):
     assert captured["threads"] == 2 and captured["device"] == "cpu"
 
 
+def test_freesurfer8_and_bids_app_flags_map_to_options(captured):
+    argv = ["--i", "in.npz", "--o", "out.mgz", "--autocrop", "--addctab", "--model", "m.h5",
+            "--channels", "first"]
+    assert cli.main(argv) == 0
+    o = captured["opts"]
+    assert o.autocrop and o.addctab and o.model_file == "m.h5" and o.channels == "first"
+    assert cli.main(["bids", "out", "participant", "--participant-label", "01", "02",
+                     "--suffix", "T1w", "FLAIR", "--fast"]) == 0
+    o = captured["opts"]
+    assert o.bids == "bids" and o.outputs == {"o": "out"} and o.fast
+    assert o.participant_label == ("01", "02") and o.suffix == ("T1w", "FLAIR")
+    assert cli.main(["--i", "a.nii", "--o", "b.nii"]) == 0
+    o = captured["opts"]
+    assert o.bids is None and not o.autocrop and not o.addctab and o.channels == "mean"
+    assert o.suffix == ("T1w",)
+
+
 def test_defaults_follow_the_original(captured, monkeypatch, tmp_path):
     assert cli.main(["--i", "a.nii", "--o", "b.nii", "--v1", "--crop", "96"]) == 0
     assert captured["threads"] == 1 and captured["device"] == "auto"

@@ -46,6 +46,10 @@ def test_boolean_words(word, value):
     (dict(threads=-1), "threads: expected a number of threads, or 0 for all cores, got -1"),
     (dict(qc_crop_size="0"), "qc_crop_size: expected a positive integer, got 0"),
     (dict(robust=True, v1=True), "robust cannot be combined with v1"),
+    (dict(bids="/ds", i="a.nii"), "give either i (an image, folder or .txt list) or bids"),
+    (dict(participant_label=["01"]), "participant_label needs bids=<BIDS dataset>"),
+    (dict(bids="/ds", suffix=[]), "suffix: expected one or more BIDS suffixes"),
+    (dict(suffix=[["T1w"]]), "suffix: expected a name or a list of names"),
 ])
 def test_bad_values_are_one_line(values, message):
     with pytest.raises(UsageError) as err:
@@ -80,12 +84,13 @@ def test_bad_values_refused_by_the_real_commands(tmp_path, entry):
     if entry == "hydra":
         cmds = [[sys.executable, os.path.join(REPO, "predict.py"), f"i={src}", "o=o.nii.gz", bad]
                 for bad in ("fast=maybe", "threads=abc", "fats=true", "+fats=true", "threads=-1",
-                            "qc_crop_size=0")]
+                            "qc_crop_size=0", "channels=median", "model_file=m.pt")]
     else:
         mri = os.path.join(os.path.dirname(sys.executable), "mri_synthseg_jax")
         cmds = [[mri, "--i", src, "--o", "o.nii.gz", *bad]
                 for bad in (["--threads", "abc"], ["--crop", "abc"], ["--device", "quantum"],
-                            ["--threads", "-1"], ["--robust", "--v1"])]
+                            ["--threads", "-1"], ["--robust", "--v1"],
+                            ["--autocrop", "--crop", "96"], ["--model", "m.h5", "--robust"])]
     for cmd in cmds:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert proc.returncode == 1, (cmd, proc.stderr)
