@@ -44,10 +44,12 @@ MODES = {
     "fast": {"fast": True},
     "v1": {"v1": True},
     "robust": {"robust": True},
+    "parc": {"parc": True},
+    "qc": {"qc": True},
     "parc+qc": {"parc": True, "qc": True},
 }
 ORIGINAL_FLAGS = {"default": [], "fast": ["--fast"], "v1": ["--v1"], "robust": ["--robust"],
-                  "parc+qc": ["--parc", "--qc", "QC"]}
+                  "parc": ["--parc"], "qc": ["--qc", "QC"], "parc+qc": ["--parc", "--qc", "QC"]}
 
 
 def load() -> str:

@@ -39,11 +39,15 @@ from synthseg_jax.inference.postprocess import (
     topology_groups,
 )
 from synthseg_jax.labels import LabelTableError, LabelTables
+from synthseg_jax.nn.slabs import SlabPlan, plan_slabs, slabwise_logits, unet_slabwise
 from synthseg_jax.nn.synthseg import (
     QC_CROP_SIZE,
+    RobustCascade,
+    cascade,
     crop_around_labels,
     parcellation_input,
 )
+from synthseg_jax.nn.unet import UNet, UNetConfig
 from synthseg_jax.weights.keras_h5 import WeightFileError
 from synthseg_jax.weights.models_dir import MODEL_FILES, ModelsDir
 
@@ -55,6 +59,12 @@ POSTERIOR_BLUR_SIGMA = 0.5
 # write over their operands, so each one holds a second buffer of its input's size: at 224x256x192
 # the parcellation's softmax alone kept two 3 GB buffers. XLA's own fusions do reuse them.
 COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+# A U-Net whose full-resolution feature maps (one of its first level's) would be larger than this
+# runs its two shallowest levels in slabs along the first axis, each slab's map at most this size
+# (nn/slabs.py): at 256^3 with 24 features, 4 slabs of 64 rows instead of 1.6 GB maps. Larger
+# slabs cost memory, smaller ones time (the halos are computed twice).
+SLAB_BYTES = 512 * 2**20
 
 
 class ModelError(ValueError):
@@ -218,22 +228,73 @@ def gaussian_blur(x: jax.Array, sigma: float = POSTERIOR_BLUR_SIGMA) -> jax.Arra
 
 def softmax_blurred(network: Any, x: jax.Array, sigma: float = POSTERIOR_BLUR_SIGMA) -> jax.Array:
     """``gaussian_blur(softmax(network(x)))`` for a U-Net whose logits can come out padded
-    (``UNet(pad_output=...)``), holding one buffer of the posteriors' size besides the result.
+    (``UNet(pad_output=...)``), holding one buffer of the posteriors' size besides the result."""
+    logits = network(x, pad_output=blur_margin(sigma))
+    return blur_padded_softmax(logits, (0, 0, 0), x.shape[1:4], sigma)
+
+
+def blur_padded_softmax(logits: jax.Array, starts: tuple, sizes: tuple,
+                        sigma: float = POSTERIOR_BLUR_SIGMA) -> jax.Array:
+    """The blurred softmax of ``logits`` (B, X, Y, Z, C), a block grown by ``blur_margin`` voxels
+    on each side that starts at voxel ``starts`` of a volume of ``sizes``: zero outside the volume.
 
     The softmax is split as XLA computes it, ``exp(l - max) * (1 / sum)``: the exponentials can
     overwrite the logits, and the per-voxel factor, zero on the padding ring, is applied inside
     the blur's single pass. Blurring ``softmax`` padded afterwards kept three buffers of that
     size at once (2.9 GB each with the parcellation's 69 channels at 224x256x192)."""
     half = blur_margin(sigma)
-    logits = network(x, pad_output=half)
     e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
     factor = 1.0 / jnp.sum(e, axis=-1, keepdims=True)
     if half == 0:
         return e * factor
-    for axis, n in enumerate(x.shape[1:4], start=1):
-        idx = jax.lax.broadcasted_iota(jnp.int32, factor.shape, axis)
-        factor = jnp.where((idx >= half) & (idx < n + half), factor, 0.0)
+    for axis, (start, n) in enumerate(zip(starts, sizes), start=1):
+        idx = jax.lax.broadcasted_iota(jnp.int32, factor.shape, axis) + start - half
+        factor = jnp.where((idx >= 0) & (idx < n), factor, 0.0)
     return blur_padded_scaled(e, factor, sigma)
+
+
+def softmax_blurred_slabwise(cfg: UNetConfig, variables: dict[str, Any], x: jax.Array,
+                             plan: SlabPlan, sigma: float = POSTERIOR_BLUR_SIGMA) -> jax.Array:
+    """``softmax_blurred`` of the U-Net ``cfg`` in the slabs of ``plan`` (its margin the blur's),
+    each slab blurred as it comes: only the result has the posteriors' size."""
+    sizes = x.shape[1:4]
+
+    def put(out: jax.Array, start: jax.Array, logits: jax.Array) -> jax.Array:
+        blurred = blur_padded_softmax(logits, (start, 0, 0), sizes, sigma)
+        return jax.lax.dynamic_update_slice_in_dim(out, blurred, start, axis=1)
+
+    out = jnp.zeros(x.shape[:-1] + (cfg.n_labels,), jnp.float32)
+    return unet_slabwise(cfg, variables, x, plan, put, out)
+
+
+def unet_variables(variables: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """The variables of the U-Net ``prefix`` inside a network's (``Segmenter``, ``RobustCascade``)."""
+    return {kind: tree[prefix] for kind, tree in variables.items() if prefix in tree}
+
+
+def slab_plan(cfg: UNetConfig, x: jax.Array, slab_bytes: int, margin: int = 0) -> SlabPlan | None:
+    """How the U-Net ``cfg`` runs on ``x`` (B, X, Y, Z, C): in slabs whose first-level feature
+    maps stay within ``slab_bytes``, or None (whole) when its maps are that small anyway."""
+    row_bytes = int(np.prod(x.shape[2:4])) * cfg.nb_features * 4
+    return plan_slabs(cfg, x.shape[1], max(1, slab_bytes // row_bytes), margin=margin)
+
+
+def run_unet(cfg: UNetConfig, variables: dict[str, Any], x: jax.Array, slab_bytes: int) -> jax.Array:
+    """The logits of U-Net ``cfg`` (its own variables) on ``x``, whole or in slabs."""
+    plan = slab_plan(cfg, x, slab_bytes)
+    if plan is None:
+        return UNet(cfg).apply(variables, x)
+    return slabwise_logits(cfg, variables, x, plan)
+
+
+def network_logits(module: nn.Module, variables: dict[str, Any], x: jax.Array,
+                   slab_bytes: int) -> jax.Array:
+    """A segmenter's (``Segmenter`` or ``RobustCascade``) logits, its U-Nets in slabs where large."""
+    if isinstance(module, RobustCascade):
+        return cascade(module.stage_configs(), x, lambda cfg, z: run_unet(
+            cfg, unet_variables(variables, cfg.prefix), z, slab_bytes))
+    cfg = module.config
+    return run_unet(cfg, unet_variables(variables, cfg.prefix), x, slab_bytes)
 
 
 def qc_one_hot(seg_index: jax.Array, qc_class: jax.Array, n_qc: int, size: int) -> jax.Array:
@@ -266,10 +327,12 @@ class NetworkOutput:
 class Predictor:
     """Runs the networks of one mode; one compiled executable per padded shape, kept for reuse."""
 
-    def __init__(self, networks: Networks, mode: Mode, qc_crop_size: int = QC_CROP_SIZE) -> None:
+    def __init__(self, networks: Networks, mode: Mode, qc_crop_size: int = QC_CROP_SIZE,
+                 slab_bytes: int = SLAB_BYTES) -> None:
         self.networks = networks
         self.mode = mode
         self.qc_crop_size = qc_crop_size
+        self.slab_bytes = slab_bytes
         tables = networks.tables
         self._flip = jnp.asarray(tables.flip, dtype=jnp.int32)
         self._labels = jnp.asarray(tables.segmentation, dtype=jnp.int32)
@@ -290,8 +353,9 @@ class Predictor:
         x = image[None, ..., None]
 
         def segment(inp: jax.Array) -> jax.Array:
-            logits = at_voxel_size(lambda z: nets.segmenter.apply(variables["seg"], z), inp,
-                                   nets.seg_voxel_size)
+            logits = at_voxel_size(
+                lambda z: network_logits(nets.segmenter, variables["seg"], z, self.slab_bytes),
+                inp, nets.seg_voxel_size)
             return jax.nn.softmax(logits, axis=-1)
 
         if mode.robust:
@@ -306,11 +370,27 @@ class Predictor:
             # temporaries at 224x256x192), and compiles the U-Net twice. The sum is first + back.
             x_flipped = jnp.flip(x, axis=1)
             zeros = jnp.zeros(x.shape[:-1] + (nets.tables.n_labels,), x.dtype)
+            flip_back = lambda post: jnp.take(jnp.flip(post, axis=1), self._flip, axis=-1)  # noqa: E731
+            plan = self._segmenter_plan(x)
 
             def add_pass(i: jax.Array, total: jax.Array) -> jax.Array:
-                post = segment(jnp.where(i == 0, x, x_flipped))
-                back = jnp.take(jnp.flip(post, axis=1), self._flip, axis=-1)
-                return total + jnp.where(i == 0, post, back)
+                inp = jnp.where(i == 0, x, x_flipped)
+                if plan is None:
+                    post = segment(inp)
+                    return total + jnp.where(i == 0, post, flip_back(post))
+
+                def add_slab(total: jax.Array, start: jax.Array, logits: jax.Array) -> jax.Array:
+                    # each slab's posteriors go straight into the sum (flipped back: the
+                    # mirrored rows), so neither pass's whole posteriors ever exist
+                    post = jax.nn.softmax(logits, axis=-1)
+                    rows = jnp.where(i == 0, start, x.shape[1] - start - plan.rows)
+                    here = jax.lax.dynamic_slice_in_dim(total, rows, plan.rows, axis=1)
+                    add = jnp.where(i == 0, post, flip_back(post))
+                    return jax.lax.dynamic_update_slice_in_dim(total, here + add, rows, axis=1)
+
+                cfg = nets.segmenter.config
+                return unet_slabwise(cfg, unet_variables(variables["seg"], cfg.prefix), inp,
+                                     plan, add_slab, total)
 
             total = jax.lax.fori_loop(0, 2, add_pass, zeros)
             seg_out = parc_in = qc_in = gaussian_blur(0.5 * total)
@@ -328,13 +408,26 @@ class Predictor:
         out = {"seg": seg_out[0], **cleanup_masks(seg_out[0], self._groups, mode.is_fast)}
         if mode.parc:
             parc_x = parcellation_input(x, jnp.argmax(parc_in, axis=-1), self._labels)
-            unet = lambda z, **kw: nets.parc.apply(variables["parc"], z, **kw)
-            out["parc"] = softmax_blurred(unet, parc_x)[0]
+            cfg = nets.parc.config
+            plan = slab_plan(cfg, parc_x, self.slab_bytes, margin=blur_margin())
+            if plan is None:
+                unet = lambda z, **kw: nets.parc.apply(variables["parc"], z, **kw)  # noqa: E731
+                out["parc"] = softmax_blurred(unet, parc_x)[0]
+            else:
+                out["parc"] = softmax_blurred_slabwise(
+                    cfg, unet_variables(variables["parc"], cfg.prefix), parc_x, plan)[0]
         if mode.qc:
             onehot = qc_one_hot(jnp.argmax(qc_in, axis=-1), self._qc_class, self._n_qc,
                                 self.qc_crop_size)
             out["qc"] = nets.qc.apply(variables["qc"], onehot)[0]
         return out
+
+    def _segmenter_plan(self, x: jax.Array) -> SlabPlan | None:
+        """The slabs of a single-U-Net segmenter at 1 mm (None: whole, or another kind)."""
+        nets = self.networks
+        if isinstance(nets.segmenter, RobustCascade) or round(nets.seg_voxel_size) > 1:
+            return None
+        return slab_plan(nets.segmenter.config, x, self.slab_bytes)
 
     def _finish(self, post: jax.Array, brain_keep: jax.Array, class_keep: jax.Array | None,
                 parc: jax.Array | None) -> dict[str, jax.Array]:
