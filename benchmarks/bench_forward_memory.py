@@ -1,7 +1,7 @@
 """XLA's memory plan of predict's compiled programs, per mode, at one padded input shape.
 
     python benchmarks/bench_forward_memory.py [--models DIR] [--shape 224x256x192]
-                                              [--modes default,fast,robust,qc,parc,parc+qc]
+                                              [--modes default,fast,v1,robust,qc,parc,parc+qc]
 
 Compiles (does not run) the network forward and the finishing step of ``Predictor`` for each
 mode and prints the sizes of XLA's buffer plan: temporaries (the one preallocated scratch buffer,
@@ -21,6 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = {
     "default": {},
     "fast": {"fast": True},
+    "v1": {"v1": True},
     "robust": {"robust": True},
     "qc": {"qc": True},
     "parc": {"parc": True},

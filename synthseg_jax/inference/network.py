@@ -60,11 +60,13 @@ POSTERIOR_BLUR_SIGMA = 0.5
 # the parcellation's softmax alone kept two 3 GB buffers. XLA's own fusions do reuse them.
 COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
-# A U-Net whose full-resolution feature maps (one of its first level's) would be larger than this
-# runs its two shallowest levels in slabs along the first axis, each slab's map at most this size
-# (nn/slabs.py): at 256^3 with 24 features, 4 slabs of 64 rows instead of 1.6 GB maps. Larger
-# slabs cost memory, smaller ones time (the halos are computed twice).
-SLAB_BYTES = 512 * 2**20
+# A U-Net whose full-resolution feature maps (one of its first level's) would be larger than
+# WHOLE_MAP_BYTES runs its two shallowest levels in slabs along the first axis, each slab's map at
+# most SLAB_BYTES (nn/slabs.py): at 256^3 with 24 features, 8 slabs of 32 rows instead of 1.6 GB
+# maps. The MNI T1's 224x256x192 (1.06 GB maps, 7.2 GB peak) still runs whole, at full speed:
+# slabs compute their halos twice. Larger slabs cost memory, smaller ones time.
+WHOLE_MAP_BYTES = 1200 * 2**20
+SLAB_BYTES = 256 * 2**20
 
 
 class ModelError(ValueError):
@@ -226,6 +228,31 @@ def gaussian_blur(x: jax.Array, sigma: float = POSTERIOR_BLUR_SIGMA) -> jax.Arra
     return blur_padded_scaled(jnp.pad(x, [(0, 0)] + [(half, half)] * 3 + [(0, 0)]), None, sigma)
 
 
+def gaussian_blur_in_slabs(x: jax.Array, rows: int, scale: float = 1.0,
+                           sigma: float = POSTERIOR_BLUR_SIGMA) -> jax.Array:
+    """``gaussian_blur(scale * x)`` computed ``rows`` rows at a time (a divisor of x's first
+    spatial size) into x's own buffer: no second volume of x's size. Each step keeps the
+    original rows just before its slab, which the step before has overwritten."""
+    half = blur_margin(sigma)
+    n = x.shape[1]
+    if half == 0:
+        return x * scale
+    other_axes = [(0, 0), (0, 0), (half, half), (half, half), (0, 0)]
+
+    def step(k: jax.Array, state: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        x, before = state
+        start = k * rows
+        slab = jax.lax.dynamic_slice_in_dim(x, start, rows, axis=1)
+        after = jax.lax.dynamic_slice_in_dim(x, jnp.minimum(start + rows, n - half), half, axis=1)
+        after = jnp.where(start + rows < n, after, 0.0)
+        block = jnp.pad(jnp.concatenate([before, slab, after], axis=1) * scale, other_axes)
+        x = jax.lax.dynamic_update_slice_in_dim(x, blur_padded_scaled(block, None, sigma), start, 1)
+        return x, slab[:, rows - half:]
+
+    before = jnp.zeros(x.shape[:1] + (half,) + x.shape[2:], x.dtype)
+    return jax.lax.fori_loop(0, n // rows, step, (x, before))[0]
+
+
 def softmax_blurred(network: Any, x: jax.Array, sigma: float = POSTERIOR_BLUR_SIGMA) -> jax.Array:
     """``gaussian_blur(softmax(network(x)))`` for a U-Net whose logits can come out padded
     (``UNet(pad_output=...)``), holding one buffer of the posteriors' size besides the result."""
@@ -272,29 +299,40 @@ def unet_variables(variables: dict[str, Any], prefix: str) -> dict[str, Any]:
     return {kind: tree[prefix] for kind, tree in variables.items() if prefix in tree}
 
 
-def slab_plan(cfg: UNetConfig, x: jax.Array, slab_bytes: int, margin: int = 0) -> SlabPlan | None:
-    """How the U-Net ``cfg`` runs on ``x`` (B, X, Y, Z, C): in slabs whose first-level feature
-    maps stay within ``slab_bytes``, or None (whole) when its maps are that small anyway."""
-    row_bytes = int(np.prod(x.shape[2:4])) * cfg.nb_features * 4
-    return plan_slabs(cfg, x.shape[1], max(1, slab_bytes // row_bytes), margin=margin)
+@dataclasses.dataclass(frozen=True)
+class SlabBudget:
+    """When and how finely U-Nets run in slabs (see WHOLE_MAP_BYTES)."""
+
+    slab_bytes: int = SLAB_BYTES
+    whole_bytes: int = WHOLE_MAP_BYTES
+
+    def plan(self, cfg: UNetConfig, x: jax.Array, margin: int = 0) -> SlabPlan | None:
+        """How the U-Net ``cfg`` runs on ``x`` (B, X, Y, Z, C): None (whole) when its first-level
+        feature maps are at most ``whole_bytes``, else in slabs whose maps are at most
+        ``slab_bytes``."""
+        row_bytes = int(np.prod(x.shape[2:4])) * cfg.nb_features * 4
+        if row_bytes * x.shape[1] <= self.whole_bytes:
+            return None
+        return plan_slabs(cfg, x.shape[1], max(1, self.slab_bytes // row_bytes), margin=margin)
 
 
-def run_unet(cfg: UNetConfig, variables: dict[str, Any], x: jax.Array, slab_bytes: int) -> jax.Array:
+def run_unet(cfg: UNetConfig, variables: dict[str, Any], x: jax.Array,
+             slabs: SlabBudget) -> jax.Array:
     """The logits of U-Net ``cfg`` (its own variables) on ``x``, whole or in slabs."""
-    plan = slab_plan(cfg, x, slab_bytes)
+    plan = slabs.plan(cfg, x)
     if plan is None:
         return UNet(cfg).apply(variables, x)
     return slabwise_logits(cfg, variables, x, plan)
 
 
 def network_logits(module: nn.Module, variables: dict[str, Any], x: jax.Array,
-                   slab_bytes: int) -> jax.Array:
+                   slabs: SlabBudget) -> jax.Array:
     """A segmenter's (``Segmenter`` or ``RobustCascade``) logits, its U-Nets in slabs where large."""
     if isinstance(module, RobustCascade):
         return cascade(module.stage_configs(), x, lambda cfg, z: run_unet(
-            cfg, unet_variables(variables, cfg.prefix), z, slab_bytes))
+            cfg, unet_variables(variables, cfg.prefix), z, slabs))
     cfg = module.config
-    return run_unet(cfg, unet_variables(variables, cfg.prefix), x, slab_bytes)
+    return run_unet(cfg, unet_variables(variables, cfg.prefix), x, slabs)
 
 
 def qc_one_hot(seg_index: jax.Array, qc_class: jax.Array, n_qc: int, size: int) -> jax.Array:
@@ -328,11 +366,11 @@ class Predictor:
     """Runs the networks of one mode; one compiled executable per padded shape, kept for reuse."""
 
     def __init__(self, networks: Networks, mode: Mode, qc_crop_size: int = QC_CROP_SIZE,
-                 slab_bytes: int = SLAB_BYTES) -> None:
+                 slabs: SlabBudget = SlabBudget()) -> None:
         self.networks = networks
         self.mode = mode
         self.qc_crop_size = qc_crop_size
-        self.slab_bytes = slab_bytes
+        self.slabs = slabs
         tables = networks.tables
         self._flip = jnp.asarray(tables.flip, dtype=jnp.int32)
         self._labels = jnp.asarray(tables.segmentation, dtype=jnp.int32)
@@ -354,7 +392,7 @@ class Predictor:
 
         def segment(inp: jax.Array) -> jax.Array:
             logits = at_voxel_size(
-                lambda z: network_logits(nets.segmenter, variables["seg"], z, self.slab_bytes),
+                lambda z: network_logits(nets.segmenter, variables["seg"], z, self.slabs),
                 inp, nets.seg_voxel_size)
             return jax.nn.softmax(logits, axis=-1)
 
@@ -393,10 +431,16 @@ class Predictor:
                                      plan, add_slab, total)
 
             total = jax.lax.fori_loop(0, 2, add_pass, zeros)
-            seg_out = parc_in = qc_in = gaussian_blur(0.5 * total)
+            blurred = (gaussian_blur(0.5 * total) if plan is None
+                       else gaussian_blur_in_slabs(total, plan.rows, 0.5))
+            seg_out = parc_in = qc_in = blurred
         else:
             raw = segment(x)
-            blurred = gaussian_blur(raw)
+            plan = self._segmenter_plan(x)
+            if plan is None or mode.parc or mode.qc:
+                blurred = gaussian_blur(raw)
+            else:     # raw is not needed after its blur
+                blurred = gaussian_blur_in_slabs(raw, plan.rows)
             # fast: the original's outputs are its 'unet_prediction' layer (before the blur)
             # whenever parcellation or QC is requested, the blurred tensor otherwise; the
             # parcellation always sees the blurred one, QC the blurred one only without parc.
@@ -409,7 +453,7 @@ class Predictor:
         if mode.parc:
             parc_x = parcellation_input(x, jnp.argmax(parc_in, axis=-1), self._labels)
             cfg = nets.parc.config
-            plan = slab_plan(cfg, parc_x, self.slab_bytes, margin=blur_margin())
+            plan = self.slabs.plan(cfg, parc_x, margin=blur_margin())
             if plan is None:
                 unet = lambda z, **kw: nets.parc.apply(variables["parc"], z, **kw)  # noqa: E731
                 out["parc"] = softmax_blurred(unet, parc_x)[0]
@@ -427,7 +471,7 @@ class Predictor:
         nets = self.networks
         if isinstance(nets.segmenter, RobustCascade) or round(nets.seg_voxel_size) > 1:
             return None
-        return slab_plan(nets.segmenter.config, x, self.slab_bytes)
+        return self.slabs.plan(nets.segmenter.config, x)
 
     def _finish(self, post: jax.Array, brain_keep: jax.Array, class_keep: jax.Array | None,
                 parc: jax.Array | None) -> dict[str, jax.Array]:
