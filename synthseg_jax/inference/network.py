@@ -23,7 +23,7 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -316,23 +316,28 @@ class SlabBudget:
         return plan_slabs(cfg, x.shape[1], max(1, self.slab_bytes // row_bytes), margin=margin)
 
 
-def run_unet(cfg: UNetConfig, variables: dict[str, Any], x: jax.Array,
-             slabs: SlabBudget) -> jax.Array:
-    """The logits of U-Net ``cfg`` (its own variables) on ``x``, whole or in slabs."""
+def run_unet(cfg: UNetConfig, variables: dict[str, Any], x: jax.Array, slabs: SlabBudget,
+             transform: Callable[[jax.Array], jax.Array] = lambda logits: logits) -> jax.Array:
+    """``transform`` of the logits of U-Net ``cfg`` (its own variables) on ``x``, whole or in
+    slabs (then applied slab by slab: a voxel-wise ``transform`` such as the softmax needs no
+    second buffer of the output's size)."""
     plan = slabs.plan(cfg, x)
     if plan is None:
-        return UNet(cfg).apply(variables, x)
-    return slabwise_logits(cfg, variables, x, plan)
+        return transform(UNet(cfg).apply(variables, x))
+    return slabwise_logits(cfg, variables, x, plan, transform)
 
 
-def network_logits(module: nn.Module, variables: dict[str, Any], x: jax.Array,
-                   slabs: SlabBudget) -> jax.Array:
-    """A segmenter's (``Segmenter`` or ``RobustCascade``) logits, its U-Nets in slabs where large."""
+def network_posteriors(module: nn.Module, variables: dict[str, Any], x: jax.Array,
+                       slabs: SlabBudget) -> jax.Array:
+    """A segmenter's (``Segmenter`` or ``RobustCascade``) softmax, its U-Nets in slabs where large."""
+    softmax = lambda logits: jax.nn.softmax(logits, axis=-1)  # noqa: E731
     if isinstance(module, RobustCascade):
-        return cascade(module.stage_configs(), x, lambda cfg, z: run_unet(
-            cfg, unet_variables(variables, cfg.prefix), z, slabs))
+        stages = module.stage_configs()
+        return cascade(stages, x, lambda cfg, z: run_unet(
+            cfg, unet_variables(variables, cfg.prefix), z, slabs,
+            softmax if cfg is stages[-1] else (lambda logits: logits)))
     cfg = module.config
-    return run_unet(cfg, unet_variables(variables, cfg.prefix), x, slabs)
+    return run_unet(cfg, unet_variables(variables, cfg.prefix), x, slabs, softmax)
 
 
 def qc_one_hot(seg_index: jax.Array, qc_class: jax.Array, n_qc: int, size: int) -> jax.Array:
@@ -391,9 +396,10 @@ class Predictor:
         x = image[None, ..., None]
 
         def segment(inp: jax.Array) -> jax.Array:
-            logits = at_voxel_size(
-                lambda z: network_logits(nets.segmenter, variables["seg"], z, self.slabs),
-                inp, nets.seg_voxel_size)
+            if round(nets.seg_voxel_size) <= 1:
+                return network_posteriors(nets.segmenter, variables["seg"], inp, self.slabs)
+            logits = at_voxel_size(lambda z: nets.segmenter.apply(variables["seg"], z), inp,
+                                   nets.seg_voxel_size)
             return jax.nn.softmax(logits, axis=-1)
 
         if mode.robust:

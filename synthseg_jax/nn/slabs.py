@@ -168,11 +168,12 @@ def unet_slabwise(cfg: UNetConfig, variables: dict[str, Any], x: jax.Array, plan
     return lax.fori_loop(0, plan.count, decode, carry)
 
 
-def slabwise_logits(cfg: UNetConfig, variables: dict[str, Any], x: jax.Array,
-                    plan: SlabPlan) -> jax.Array:
-    """The U-Net's whole logits, computed in slabs (for outputs of few channels)."""
+def slabwise_logits(cfg: UNetConfig, variables: dict[str, Any], x: jax.Array, plan: SlabPlan,
+                    transform: Callable[[jax.Array], jax.Array] = lambda logits: logits) -> jax.Array:
+    """The U-Net's whole logits (or a voxel-wise ``transform`` of them, applied slab by slab),
+    computed in slabs."""
     def write(out, start, logits):
-        return _put(out, logits, start)
+        return _put(out, transform(logits), start)
 
     out = jnp.zeros(x.shape[:-1] + (cfg.n_labels,), jnp.float32)
     return unet_slabwise(cfg, variables, x, dataclasses.replace(plan, margin=0), write, out)

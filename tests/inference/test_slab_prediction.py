@@ -26,7 +26,8 @@ def test_slabs_equal_whole(tiny_nets, tables, name):
     kinds, mode = MODES[name]
     nets = networks(tiny_nets, tables, kinds)
     x = image(7, SHAPE)
-    cfg = nets.parc.config if mode.parc else nets.segmenter.stage_configs()[1]
+    cfg = (nets.segmenter.stage_configs()[1] if mode.robust
+           else nets.parc.config if mode.parc else nets.segmenter.config)
     assert SLABS.plan(cfg, jnp.zeros((1, *SHAPE, 1))).count == 4   # slabs do happen
     pad_idx = np.array([2, 1, 3, 60, 15, 21])
     results = [Predictor(nets, mode, qc_crop_size=16, slabs=budget).predict(
