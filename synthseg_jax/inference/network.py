@@ -31,21 +31,32 @@ import jax.numpy as jnp
 import numpy as np
 
 from synthseg_jax.inference.postprocess import (
+    add_float32_sums,
     channel_groups,
     clean_and_label,
     cleanup_masks,
     keep_masks,
+    label_parcellation,
     original_sums,
     topology_groups,
 )
 from synthseg_jax.labels import LabelTableError, LabelTables
-from synthseg_jax.nn.slabs import SlabPlan, plan_slabs, slabwise_logits, unet_slabwise
+from synthseg_jax.nn.slabs import (
+    SlabPlan,
+    decode_slab,
+    encode_in_slabs,
+    plan_slabs,
+    slabwise_logits,
+    unet_slabwise,
+)
 from synthseg_jax.nn.synthseg import (
     QC_CROP_SIZE,
     RobustCascade,
     cascade,
     crop_around_labels,
+    in_cortex,
     parcellation_input,
+    with_cortex_mask,
 )
 from synthseg_jax.nn.unet import UNet, UNetConfig
 from synthseg_jax.weights.keras_h5 import WeightFileError
@@ -280,20 +291,6 @@ def blur_padded_softmax(logits: jax.Array, starts: tuple, sizes: tuple,
     return blur_padded_scaled(e, factor, sigma)
 
 
-def softmax_blurred_slabwise(cfg: UNetConfig, variables: dict[str, Any], x: jax.Array,
-                             plan: SlabPlan, sigma: float = POSTERIOR_BLUR_SIGMA) -> jax.Array:
-    """``softmax_blurred`` of the U-Net ``cfg`` in the slabs of ``plan`` (its margin the blur's),
-    each slab blurred as it comes: only the result has the posteriors' size."""
-    sizes = x.shape[1:4]
-
-    def put(out: jax.Array, start: jax.Array, logits: jax.Array) -> jax.Array:
-        blurred = blur_padded_softmax(logits, (start, 0, 0), sizes, sigma)
-        return jax.lax.dynamic_update_slice_in_dim(out, blurred, start, axis=1)
-
-    out = jnp.zeros(x.shape[:-1] + (cfg.n_labels,), jnp.float32)
-    return unet_slabwise(cfg, variables, x, plan, put, out)
-
-
 def unet_variables(variables: dict[str, Any], prefix: str) -> dict[str, Any]:
     """The variables of the U-Net ``prefix`` inside a network's (``Segmenter``, ``RobustCascade``)."""
     return {kind: tree[prefix] for kind, tree in variables.items() if prefix in tree}
@@ -388,6 +385,7 @@ class Predictor:
         self._variables = jax.device_put(networks.variables)
         self._compiled: dict[tuple[int, ...], Any] = {}
         self._compiled_finish: dict[tuple[int, ...], Any] = {}
+        self._compiled_parc: dict[tuple[int, ...], Any] = {}
         self.compile_seconds: dict[tuple[int, ...], float] = {}
 
     # The traced function -------------------------------------------------------------------
@@ -456,16 +454,13 @@ class Predictor:
 
         # with the masks of post-processing's connected components (the rest is _finish)
         out = {"seg": seg_out[0], **cleanup_masks(seg_out[0], self._groups, mode.is_fast)}
-        if mode.parc:
+        if mode.parc and self._parc_plan(image.shape) is not None:
+            # in slabs after the clean-up (parcellate): only the network's cortex mask now
+            out["parc_cortex"] = in_cortex(jnp.argmax(parc_in, axis=-1)[0], self._labels)
+        elif mode.parc:
             parc_x = parcellation_input(x, jnp.argmax(parc_in, axis=-1), self._labels)
-            cfg = nets.parc.config
-            plan = self.slabs.plan(cfg, parc_x, margin=blur_margin())
-            if plan is None:
-                unet = lambda z, **kw: nets.parc.apply(variables["parc"], z, **kw)  # noqa: E731
-                out["parc"] = softmax_blurred(unet, parc_x)[0]
-            else:
-                out["parc"] = softmax_blurred_slabwise(
-                    cfg, unet_variables(variables["parc"], cfg.prefix), parc_x, plan)[0]
+            unet = lambda z, **kw: nets.parc.apply(variables["parc"], z, **kw)  # noqa: E731
+            out["parc"] = softmax_blurred(unet, parc_x)[0]
         if mode.qc:
             onehot = qc_one_hot(jnp.argmax(qc_in, axis=-1), self._qc_class, self._n_qc,
                                 self.qc_crop_size)
@@ -478,6 +473,74 @@ class Predictor:
         if isinstance(nets.segmenter, RobustCascade) or round(nets.seg_voxel_size) > 1:
             return None
         return self.slabs.plan(nets.segmenter.config, x)
+
+    # The parcellation in slabs -------------------------------------------------------------
+    # With large feature maps the parcellation U-Net runs after the clean-up, slab by slab: each
+    # slab's blurred posteriors are labelled (label_parcellation) and summed for the volumes on
+    # the host at once (add_float32_sums, the original's order), so its posteriors (69 channels,
+    # 4.6 GB at 256^3) never exist whole.
+    def _parc_plan(self, shape: tuple[int, ...]) -> SlabPlan | None:
+        spec = jax.ShapeDtypeStruct((1, *shape, 3), jnp.float32)
+        return self.slabs.plan(self.networks.parc.config, spec, margin=blur_margin())
+
+    def _parc_variables(self, variables: dict[str, Any]) -> dict[str, Any]:
+        return unet_variables(variables["parc"], self.networks.parc.config.prefix)
+
+    def _parc_encode(self, variables: dict[str, Any], image: jax.Array, cortex: jax.Array):
+        x = with_cortex_mask(image[None, ..., None], cortex[None])
+        return encode_in_slabs(self.networks.parc.config, self._parc_variables(variables), x,
+                               self._parc_plan(image.shape))
+
+    def _parc_slab(self, variables: dict[str, Any], skips: dict[int, jax.Array],
+                   coarse: jax.Array, seg: jax.Array, k: jax.Array) -> dict[str, jax.Array]:
+        plan = self._parc_plan(seg.shape)
+        logits = decode_slab(self.networks.parc.config, self._parc_variables(variables), skips,
+                             coarse, plan, k)
+        start = k * plan.rows
+        parc = blur_padded_softmax(logits, (start, 0, 0), seg.shape)[0]
+        rows = jax.lax.dynamic_slice_in_dim(seg, start, plan.rows, axis=0)
+        rows, parc = label_parcellation(rows, parc, self._parc_labels)
+        return {"seg": rows.astype(jnp.int32), "parc": parc}
+
+    def _compile_parcellation(self, shape: tuple[int, ...]):
+        spec = lambda s, t=jnp.float32: jax.ShapeDtypeStruct(s, t)  # noqa: E731
+        args = (self._variables, spec(shape), spec(shape, jnp.bool_))
+        encode = jax.jit(self._parc_encode).lower(*args).compile(compiler_options=COMPILER_OPTIONS)
+        skips, coarse = jax.eval_shape(self._parc_encode, *args)
+        slab = jax.jit(self._parc_slab).lower(
+            self._variables, skips, coarse, spec(shape, jnp.int32), spec((), jnp.int32)
+        ).compile(compiler_options=COMPILER_OPTIONS)
+        return encode, slab
+
+    def parcellate(self, image: np.ndarray, cortex: jax.Array, seg_device: jax.Array,
+                   pad_idx: np.ndarray, keep_posteriors: bool = False
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The labels with the parcellation in the cortex, the parcellation's float32 sums
+        inside ``pad_idx`` (as ``original_sums`` takes them) and, if ``keep_posteriors``, its
+        cleaned posteriors (whole: only when an output needs them)."""
+        shape = tuple(image.shape)
+        plan = self._parc_plan(shape)
+        encode, slab = self._compiled_parc[shape]
+        skips, coarse = encode(self._variables, image, cortex)
+        seg = np.empty(shape, np.int32)
+        n_parc = len(self.networks.tables.parcellation)
+        kept = np.empty(shape + (n_parc,), np.float32) if keep_posteriors else None
+        sums = None
+        for k in range(plan.count):
+            out = slab(self._variables, skips, coarse, seg_device, np.int32(k))
+            start = k * plan.rows
+            seg[start:start + plan.rows] = np.asarray(out["seg"])
+            if kept is not None:
+                kept[start:start + plan.rows] = np.asarray(out["parc"])
+            lo, hi = max(int(pad_idx[0]), start), min(int(pad_idx[3]), start + plan.rows)
+            if lo < hi:
+                rows = np.asarray(out["parc"])[lo - start:hi - start, pad_idx[1]:pad_idx[4],
+                                               pad_idx[2]:pad_idx[5], 1:]
+                sums = add_float32_sums(sums, rows)
+            del out
+        if sums is None:
+            sums = np.zeros(n_parc - 1, np.float32)
+        return seg, sums, kept
 
     def _finish(self, post: jax.Array, brain_keep: jax.Array, class_keep: jax.Array | None,
                 parc: jax.Array | None) -> dict[str, jax.Array]:
@@ -495,6 +558,8 @@ class Predictor:
             lowered = jax.jit(self._forward).lower(self._variables, spec)
             self._compiled[shape] = lowered.compile(compiler_options=COMPILER_OPTIONS)
             self._compiled_finish[shape] = self._compile_finish(shape)
+            if self.mode.parc and self._parc_plan(shape) is not None:
+                self._compiled_parc[shape] = self._compile_parcellation(shape)
             self.compile_seconds[shape] = time.perf_counter() - start
             log.info("compiled in %.1f s (%d shape(s) cached)", self.compile_seconds[shape],
                      len(self._compiled))
@@ -511,11 +576,12 @@ class Predictor:
         f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
         boolean = lambda *s: jax.ShapeDtypeStruct(s, jnp.bool_)
         n_groups = len(self._groups)
+        parc = self.mode.parc and self._parc_plan(shape) is None   # else: parcellate()
         args = (f32(*shape, tables.n_labels), boolean(*shape),
                 None if self.mode.is_fast else boolean(n_groups, *shape),
-                f32(*shape, len(tables.parcellation)) if self.mode.parc else None)
+                f32(*shape, len(tables.parcellation)) if parc else None)
         # the forward's posteriors are not used again: their buffers may hold the results
-        donate = (0, 3) if self.mode.parc else (0,)
+        donate = (0, 3) if parc else (0,)
         lowered = jax.jit(self._finish, donate_argnums=donate).lower(*args)
         return lowered.compile(compiler_options=COMPILER_OPTIONS)
 
@@ -552,7 +618,15 @@ class Predictor:
         # the original sums the parcellation posteriors on the RAS grid, always in float32
         parc_sums = original_sums(parc, pad_idx, np.float32) if parc is not None else None
         seconds["volumes"] = time.perf_counter() - start
-        return PaddedResult(seg=seg, posteriors=post if posteriors else None, sums=sums,
+        if "parc_cortex" in out:
+            start = time.perf_counter()
+            seg_device = fin["seg"]
+            if not posteriors:
+                del fin, post    # the segmentation's posteriors were only needed for the sums
+            seg, parc_sums, parc = self.parcellate(image, out["parc_cortex"], seg_device, pad_idx,
+                                                   keep_posteriors=posteriors)
+            seconds["parcellation"] = time.perf_counter() - start
+        return PaddedResult(seg=seg, posteriors=np.asarray(post) if posteriors else None, sums=sums,
                             parc_sums=parc_sums, parc_posteriors=parc if posteriors else None,
                             qc_scores=np.asarray(out["qc"]) if "qc" in out else None, seconds=seconds)
 

@@ -111,16 +111,10 @@ def _put(x: jax.Array, rows: jax.Array, start: jax.Array) -> jax.Array:
     return lax.dynamic_update_slice_in_dim(x, rows, start, axis=AXIS)
 
 
-def unet_slabwise(cfg: UNetConfig, variables: dict[str, Any], x: jax.Array, plan: SlabPlan,
-                  emit: Callable[[Any, jax.Array, jax.Array], Any], carry: Any) -> Any:
-    """Run the U-Net ``cfg`` (its own variables: {'params', 'batch_stats'} of the UNet) on ``x``
-    (B, X, Y, Z, C) in the slabs of ``plan``; ``emit(carry, start, logits)`` receives each slab's
-    logits and returns the new carry, which is returned at the end.
-
-    The logits are those of rows ``start - m`` to ``start + plan.rows + m`` (``m =
-    plan.margin``), grown by ``m`` voxels on each side of the other two axes too; where that
-    ring lies outside the volume they are what ``UNet(pad_output=m)`` gives there (the bias),
-    so a caller that blurs them masks the ring as it does for the whole volume."""
+def encode_in_slabs(cfg: UNetConfig, variables: dict[str, Any], x: jax.Array,
+                    plan: SlabPlan) -> tuple[dict[int, jax.Array], jax.Array]:
+    """Steps 1 and 2: the skips of the slabbed levels that the decoder joins ({level: volume})
+    and the deeper levels' output (whole, at level ``n``'s resolution)."""
     n, rows, length = plan.n_levels, plan.rows, plan.length
     part = lambda name, lo=0, hi=0: UNetPart(cfg, name, lo, hi)   # noqa: E731
     halo = encoder_halo(cfg, n)
@@ -146,24 +140,44 @@ def unet_slabwise(cfg: UNetConfig, variables: dict[str, Any], x: jax.Array, plan
     coarse = part("decode", n, cfg.nb_levels - 1).apply(
         variables, deep, tuple(s if has_skip(cfg, level) else None
                                for level, s in zip(range(n, cfg.nb_levels - 1), deep_skips)))
-    m = plan.margin
+    return skips, coarse
+
+
+def decode_slab(cfg: UNetConfig, variables: dict[str, Any], skips: dict[int, jax.Array],
+                coarse: jax.Array, plan: SlabPlan, k: jax.Array) -> jax.Array:
+    """Step 3 for slab ``k``: its logits (rows ``k * plan.rows - m`` on, see ``unet_slabwise``)."""
+    n, rows, length, m = plan.n_levels, plan.rows, plan.length, plan.margin
     halos = decoder_halos(cfg, n, m)
+    start = k * rows
+    y, y_start = coarse, 0               # the coarser level's output and where it starts
+    for level in reversed(range(n)):
+        h = halos[level]
+        size_l, len_l = rows // 2**level + 2 * h, length // 2**level
+        w = _window(start // 2**level, h, size_l, len_l)
+        below = _rows(y, w // 2 - y_start, size_l // 2)
+        skip = _rows(skips[level], w, size_l) if level in skips else None
+        y = UNetPart(cfg, "decode", level, level + 1).apply(variables, below, (skip,))
+        y_start = w
+    if m:
+        y = jnp.pad(y, [(0, 0)] + [(m, m)] * 3 + [(0, 0)])
+    y = _rows(y, start - y_start, rows + 2 * m)
+    return UNetPart(cfg, "likelihood").apply(variables, y)
+
+
+def unet_slabwise(cfg: UNetConfig, variables: dict[str, Any], x: jax.Array, plan: SlabPlan,
+                  emit: Callable[[Any, jax.Array, jax.Array], Any], carry: Any) -> Any:
+    """Run the U-Net ``cfg`` (its own variables: {'params', 'batch_stats'} of the UNet) on ``x``
+    (B, X, Y, Z, C) in the slabs of ``plan``; ``emit(carry, start, logits)`` receives each slab's
+    logits and returns the new carry, which is returned at the end.
+
+    The logits are those of rows ``start - m`` to ``start + plan.rows + m`` (``m =
+    plan.margin``), grown by ``m`` voxels on each side of the other two axes too; where that
+    ring lies outside the volume they are what ``UNet(pad_output=m)`` gives there (the bias),
+    so a caller that blurs them masks the ring as it does for the whole volume."""
+    skips, coarse = encode_in_slabs(cfg, variables, x, plan)
 
     def decode(k, carry):
-        start = k * rows
-        y, y_start = coarse, 0               # the coarser level's output and where it starts
-        for level in reversed(range(n)):
-            h = halos[level]
-            size_l, len_l = rows // 2**level + 2 * h, length // 2**level
-            w = _window(start // 2**level, h, size_l, len_l)
-            below = _rows(y, w // 2 - y_start, size_l // 2)
-            skip = _rows(skips[level], w, size_l) if level in skips else None
-            y = part("decode", level, level + 1).apply(variables, below, (skip,))
-            y_start = w
-        if m:
-            y = jnp.pad(y, [(0, 0)] + [(m, m)] * 3 + [(0, 0)])
-        y = _rows(y, start - y_start, rows + 2 * m)
-        return emit(carry, start, part("likelihood").apply(variables, y))
+        return emit(carry, k * plan.rows, decode_slab(cfg, variables, skips, coarse, plan, k))
 
     return lax.fori_loop(0, plan.count, decode, carry)
 

@@ -132,7 +132,12 @@ def crop_around_labels(label_index: jax.Array, size: int = QC_CROP_SIZE) -> jax.
 
 def parcellation_input(image: jax.Array, seg_index: jax.Array, labels: jax.Array) -> jax.Array:
     """Image joined to a two-channel one-hot cortex mask (labels 3 and 42), as the parc U-Net sees it."""
-    return with_cortex_mask(image, jnp.isin(labels, jnp.array(CORTEX_LABELS))[seg_index])
+    return with_cortex_mask(image, in_cortex(seg_index, labels))
+
+
+def in_cortex(seg_index: jax.Array, labels: jax.Array) -> jax.Array:
+    """Whether each voxel's label index (into ``labels``) is a cortex label (3, 42)."""
+    return jnp.isin(labels, jnp.array(CORTEX_LABELS))[seg_index]
 
 
 def with_cortex_mask(image: jax.Array, in_cortex: jax.Array) -> jax.Array:
