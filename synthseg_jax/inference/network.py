@@ -71,12 +71,12 @@ POSTERIOR_BLUR_SIGMA = 0.5
 # the parcellation's softmax alone kept two 3 GB buffers. XLA's own fusions do reuse them.
 COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
-# A U-Net whose full-resolution feature maps (one of its first level's) would be larger than
-# WHOLE_MAP_BYTES runs its two shallowest levels in slabs along the first axis, each slab's map at
-# most SLAB_BYTES (nn/slabs.py): at 256^3 with 24 features, 8 slabs of 32 rows instead of 1.6 GB
-# maps. The MNI T1's 224x256x192 (1.06 GB maps, 7.2 GB peak) still runs whole, at full speed:
-# slabs compute their halos twice. Larger slabs cost memory, smaller ones time.
-WHOLE_MAP_BYTES = 1200 * 2**20
+# A U-Net whose input has more than WHOLE_VOXELS voxels runs its two shallowest levels in slabs
+# along the first axis, each slab's first-level feature maps at most SLAB_BYTES (nn/slabs.py): at
+# 256^3 with 24 features, 8 slabs of 32 rows instead of 1.6 GB maps. The MNI T1's padded
+# 224x256x192 (11.0 M voxels, 7.2 GB peak) still runs whole, at full speed: slabs compute their
+# halos twice. Larger slabs cost memory, smaller ones time.
+WHOLE_VOXELS = 12 * 2**20
 SLAB_BYTES = 256 * 2**20
 
 
@@ -298,18 +298,17 @@ def unet_variables(variables: dict[str, Any], prefix: str) -> dict[str, Any]:
 
 @dataclasses.dataclass(frozen=True)
 class SlabBudget:
-    """When and how finely U-Nets run in slabs (see WHOLE_MAP_BYTES)."""
+    """When and how finely U-Nets run in slabs (see WHOLE_VOXELS)."""
 
     slab_bytes: int = SLAB_BYTES
-    whole_bytes: int = WHOLE_MAP_BYTES
+    whole_voxels: int = WHOLE_VOXELS
 
     def plan(self, cfg: UNetConfig, x: jax.Array, margin: int = 0) -> SlabPlan | None:
-        """How the U-Net ``cfg`` runs on ``x`` (B, X, Y, Z, C): None (whole) when its first-level
-        feature maps are at most ``whole_bytes``, else in slabs whose maps are at most
-        ``slab_bytes``."""
-        row_bytes = int(np.prod(x.shape[2:4])) * cfg.nb_features * 4
-        if row_bytes * x.shape[1] <= self.whole_bytes:
+        """How the U-Net ``cfg`` runs on ``x`` (B, X, Y, Z, C): None (whole) when it has at most
+        ``whole_voxels`` voxels, else in slabs whose first-level maps are at most ``slab_bytes``."""
+        if int(np.prod(x.shape[1:4])) <= self.whole_voxels:
             return None
+        row_bytes = int(np.prod(x.shape[2:4])) * cfg.nb_features * 4
         return plan_slabs(cfg, x.shape[1], max(1, self.slab_bytes // row_bytes), margin=margin)
 
 

@@ -10,8 +10,8 @@ from synthseg_jax.inference.network import Mode, Predictor, SlabBudget
 from test_network import image, networks
 
 SHAPE = (64, 16, 24)          # padded input: 4 slabs of 16 rows with the budget below
-SLABS = SlabBudget(slab_bytes=16 * 16 * 24 * 2 * 4, whole_bytes=0)
-WHOLE = SlabBudget(whole_bytes=2**40)
+SLABS = SlabBudget(slab_bytes=16 * 16 * 24 * 2 * 4, whole_voxels=0)
+WHOLE = SlabBudget(whole_voxels=2**40)
 
 MODES = {
     "default+parc": (("2.0", "parc"), Mode(parc=True)),
