@@ -39,6 +39,7 @@ def test_slabs_equal_whole(tiny_nets, tables, name):
     np.testing.assert_allclose(slabs.sums, whole.sums, rtol=1e-4)
     if mode.parc:
         np.testing.assert_allclose(slabs.parc_sums, whole.parc_sums, rtol=1e-4)
+        np.testing.assert_allclose(slabs.parc_posteriors, whole.parc_posteriors, atol=1e-5)
     if mode.qc:
         np.testing.assert_allclose(slabs.qc_scores, whole.qc_scores, atol=1e-5)
 
