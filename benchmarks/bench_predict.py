@@ -5,7 +5,7 @@
                                        [--scans 2] [--threads 2] [--crop N] [--vol] [--post]
                                        [--original | --original-from WORK] [--original-threads 2]
                                        [--original-low-mem-threads 1]
-                                       [--json OUT.json]
+                                       [--json OUT.json] [--grid 256x256x256 --random-models DIR]
 
 Each mode runs in its own process (so its peak memory is its own): our pipeline segments the same
 image ``--scans`` times in one batch (a .txt list), which separates the first scan (compilation
@@ -21,6 +21,11 @@ tools/parity/run_pipeline_parity.py) instead of running it again. ``--original``
 ``.parity/`` (see tools/parity/README.md) on one scan per mode, writing what ours writes
 (``--vol``/``--post`` too): a long run (minutes per mode, ~10 GB); REFERENCE.md says which modes
 need one thread (``--original-low-mem-threads 1``).
+``--grid XxYxZ`` segments the MNI T1 centred in a 1 mm grid of that shape (FreeSurfer's conformed
+256^3, or 320x320x256 for a 0.8 mm scan's 1 mm grid) instead of ``--input``; ``--random-models
+DIR`` makes (once) the published-size seeded random-weight models there (``gpu_check.py``'s) and
+uses them as ``--models``. Memory at 256^3 (issue 20):
+``python benchmarks/bench_predict.py --grid 256x256x256 --random-models .bench/models --scans 1 --vol --modes default,fast,v1,robust,parc,qc,parc+qc``
 Wall-clock times depend on the machine's load, printed with every result.
 """
 
@@ -44,10 +49,12 @@ MODES = {
     "fast": {"fast": True},
     "v1": {"v1": True},
     "robust": {"robust": True},
+    "parc": {"parc": True},
+    "qc": {"qc": True},
     "parc+qc": {"parc": True, "qc": True},
 }
 ORIGINAL_FLAGS = {"default": [], "fast": ["--fast"], "v1": ["--v1"], "robust": ["--robust"],
-                  "parc+qc": ["--parc", "--qc", "QC"]}
+                  "parc": ["--parc"], "qc": ["--qc", "QC"], "parc+qc": ["--parc", "--qc", "QC"]}
 
 
 def load() -> str:
@@ -154,6 +161,24 @@ def original_from(args: argparse.Namespace, mode: str) -> dict | None:
             "peak_rss_gb": rss / 2**20, "ok": ok, "threads": int(threads), "load": loads, "run": run}
 
 
+def prepare_inputs(args: argparse.Namespace) -> None:
+    """``--grid`` and ``--random-models``: the scan and the models, made with gpu_check.py's code."""
+    if not (args.grid or args.random_models):
+        return
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import gpu_check
+
+    if args.grid:
+        shape = tuple(int(s) for s in args.grid.split("x"))
+        args.input = os.path.join(tempfile.mkdtemp(prefix="bench_grid_"), f"mni_{args.grid}.nii.gz")
+        image = gpu_check.make_scan(args.input, shape)
+    if args.random_models:
+        args.models = os.path.abspath(args.random_models)
+        if not os.path.isfile(os.path.join(args.models, "synthseg_qc_2.0.h5")):
+            gpu_check.make_models(args.models, image if args.grid else gpu_check.make_scan(
+                os.path.join(tempfile.mkdtemp(), "scan.nii.gz"), 256), tiny=False)
+
+
 STAGES = ("read", "preprocess", "compile", "network", "components", "postprocess", "geometry", "write")
 
 
@@ -205,10 +230,14 @@ def main() -> None:
     parser.add_argument("--vol", action="store_true", help="also write each scan's volumes CSV")
     parser.add_argument("--post", action="store_true", help="also write each scan's posteriors")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--grid", default=None, help="XxYxZ: the MNI T1 centred in this 1 mm grid")
+    parser.add_argument("--random-models", default=None,
+                        help="folder of published-size random-weight models (made if missing)")
     parser.add_argument("--inner", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inner:
         return inner(args)
+    prepare_inputs(args)
     ours, original = [], {}
     for mode in args.modes.split(","):
         ours.append(run_ours(args, mode))

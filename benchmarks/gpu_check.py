@@ -120,8 +120,9 @@ def centre_crop(image: np.ndarray, side: int) -> np.ndarray:
     return np.pad(crop, [(0, side - s) for s in crop.shape])
 
 
-def make_scan(path: str, size: int) -> np.ndarray:
-    """The MNI T1 (nilearn's copy) centred in a ``size``^3 1 mm grid (cropped if larger)."""
+def make_scan(path: str, size: int | tuple[int, int, int]) -> np.ndarray:
+    """The MNI T1 (nilearn's copy) centred in a ``size``^3 (or ``size``) 1 mm grid, cropped where
+    larger."""
     import nibabel as nib
     import nilearn
 
@@ -129,10 +130,12 @@ def make_scan(path: str, size: int) -> np.ndarray:
                        "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
     img = nib.load(src)
     data = np.asarray(img.dataobj, np.float32)
-    grid = centre_crop(data, size) if max(data.shape) > size else np.pad(
-        data, [((size - s) // 2, size - s - (size - s) // 2) for s in data.shape])
+    shape = (size,) * 3 if isinstance(size, int) else tuple(size)
+    starts = [max((s - n) // 2, 0) for s, n in zip(data.shape, shape)]
+    data = data[tuple(slice(a, a + n) for a, n in zip(starts, shape))]
+    grid = np.pad(data, [((n - s) // 2, n - s - (n - s) // 2) for s, n in zip(data.shape, shape)])
     affine = np.diag([1.0, 1.0, 1.0, 1.0])
-    affine[:3, 3] = -size / 2
+    affine[:3, 3] = -np.array(shape) / 2
     nib.save(nib.Nifti1Image(grid, affine), path)
     return grid / max(float(grid.max()), 1e-6)
 

@@ -23,7 +23,7 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -31,19 +31,34 @@ import jax.numpy as jnp
 import numpy as np
 
 from synthseg_jax.inference.postprocess import (
+    add_float32_sums,
     channel_groups,
     clean_and_label,
     cleanup_masks,
     keep_masks,
+    label_parcellation,
     original_sums,
     topology_groups,
 )
 from synthseg_jax.labels import LabelTableError, LabelTables
+from synthseg_jax.nn.slabs import (
+    SlabPlan,
+    decode_slab,
+    encode_in_slabs,
+    plan_slabs,
+    slabwise_logits,
+    unet_slabwise,
+)
 from synthseg_jax.nn.synthseg import (
     QC_CROP_SIZE,
+    RobustCascade,
+    cascade,
     crop_around_labels,
+    in_cortex,
     parcellation_input,
+    with_cortex_mask,
 )
+from synthseg_jax.nn.unet import UNet, UNetConfig
 from synthseg_jax.weights.keras_h5 import WeightFileError
 from synthseg_jax.weights.models_dir import MODEL_FILES, ModelsDir
 
@@ -55,6 +70,14 @@ POSTERIOR_BLUR_SIGMA = 0.5
 # write over their operands, so each one holds a second buffer of its input's size: at 224x256x192
 # the parcellation's softmax alone kept two 3 GB buffers. XLA's own fusions do reuse them.
 COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+# A U-Net whose input has more than WHOLE_VOXELS voxels runs its two shallowest levels in slabs
+# along the first axis, each slab's first-level feature maps at most SLAB_BYTES (nn/slabs.py): at
+# 256^3 with 24 features, 8 slabs of 32 rows instead of 1.6 GB maps. The MNI T1's padded
+# 224x256x192 (11.0 M voxels, 7.2 GB peak) still runs whole, at full speed: slabs compute their
+# halos twice. Larger slabs cost memory, smaller ones time.
+WHOLE_VOXELS = 12 * 2**20
+SLAB_BYTES = 256 * 2**20
 
 
 class ModelError(ValueError):
@@ -240,24 +263,101 @@ def gaussian_blur(x: jax.Array, sigma: float = POSTERIOR_BLUR_SIGMA) -> jax.Arra
     return blur_padded_scaled(jnp.pad(x, [(0, 0)] + [(half, half)] * 3 + [(0, 0)]), None, sigma)
 
 
+def gaussian_blur_in_slabs(x: jax.Array, rows: int, scale: float = 1.0,
+                           sigma: float = POSTERIOR_BLUR_SIGMA) -> jax.Array:
+    """``gaussian_blur(scale * x)`` computed ``rows`` rows at a time (a divisor of x's first
+    spatial size) into x's own buffer: no second volume of x's size. Each step keeps the
+    original rows just before its slab, which the step before has overwritten."""
+    half = blur_margin(sigma)
+    n = x.shape[1]
+    if half == 0:
+        return x * scale
+    other_axes = [(0, 0), (0, 0), (half, half), (half, half), (0, 0)]
+
+    def step(k: jax.Array, state: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        x, before = state
+        start = k * rows
+        slab = jax.lax.dynamic_slice_in_dim(x, start, rows, axis=1)
+        after = jax.lax.dynamic_slice_in_dim(x, jnp.minimum(start + rows, n - half), half, axis=1)
+        after = jnp.where(start + rows < n, after, 0.0)
+        block = jnp.pad(jnp.concatenate([before, slab, after], axis=1) * scale, other_axes)
+        x = jax.lax.dynamic_update_slice_in_dim(x, blur_padded_scaled(block, None, sigma), start, 1)
+        return x, slab[:, rows - half:]
+
+    before = jnp.zeros(x.shape[:1] + (half,) + x.shape[2:], x.dtype)
+    return jax.lax.fori_loop(0, n // rows, step, (x, before))[0]
+
+
 def softmax_blurred(network: Any, x: jax.Array, sigma: float = POSTERIOR_BLUR_SIGMA) -> jax.Array:
     """``gaussian_blur(softmax(network(x)))`` for a U-Net whose logits can come out padded
-    (``UNet(pad_output=...)``), holding one buffer of the posteriors' size besides the result.
+    (``UNet(pad_output=...)``), holding one buffer of the posteriors' size besides the result."""
+    logits = network(x, pad_output=blur_margin(sigma))
+    return blur_padded_softmax(logits, (0, 0, 0), x.shape[1:4], sigma)
+
+
+def blur_padded_softmax(logits: jax.Array, starts: tuple, sizes: tuple,
+                        sigma: float = POSTERIOR_BLUR_SIGMA) -> jax.Array:
+    """The blurred softmax of ``logits`` (B, X, Y, Z, C), a block grown by ``blur_margin`` voxels
+    on each side that starts at voxel ``starts`` of a volume of ``sizes``: zero outside the volume.
 
     The softmax is split as XLA computes it, ``exp(l - max) * (1 / sum)``: the exponentials can
     overwrite the logits, and the per-voxel factor, zero on the padding ring, is applied inside
     the blur's single pass. Blurring ``softmax`` padded afterwards kept three buffers of that
     size at once (2.9 GB each with the parcellation's 69 channels at 224x256x192)."""
     half = blur_margin(sigma)
-    logits = network(x, pad_output=half)
     e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
     factor = 1.0 / jnp.sum(e, axis=-1, keepdims=True)
     if half == 0:
         return e * factor
-    for axis, n in enumerate(x.shape[1:4], start=1):
-        idx = jax.lax.broadcasted_iota(jnp.int32, factor.shape, axis)
-        factor = jnp.where((idx >= half) & (idx < n + half), factor, 0.0)
+    for axis, (start, n) in enumerate(zip(starts, sizes), start=1):
+        idx = jax.lax.broadcasted_iota(jnp.int32, factor.shape, axis) + start - half
+        factor = jnp.where((idx >= 0) & (idx < n), factor, 0.0)
     return blur_padded_scaled(e, factor, sigma)
+
+
+def unet_variables(variables: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """The variables of the U-Net ``prefix`` inside a network's (``Segmenter``, ``RobustCascade``)."""
+    return {kind: tree[prefix] for kind, tree in variables.items() if prefix in tree}
+
+
+@dataclasses.dataclass(frozen=True)
+class SlabBudget:
+    """When and how finely U-Nets run in slabs (see WHOLE_VOXELS)."""
+
+    slab_bytes: int = SLAB_BYTES
+    whole_voxels: int = WHOLE_VOXELS
+
+    def plan(self, cfg: UNetConfig, x: jax.Array, margin: int = 0) -> SlabPlan | None:
+        """How the U-Net ``cfg`` runs on ``x`` (B, X, Y, Z, C): None (whole) when it has at most
+        ``whole_voxels`` voxels, else in slabs whose first-level maps are at most ``slab_bytes``."""
+        if int(np.prod(x.shape[1:4])) <= self.whole_voxels:
+            return None
+        row_bytes = int(np.prod(x.shape[2:4])) * cfg.nb_features * 4
+        return plan_slabs(cfg, x.shape[1], max(1, self.slab_bytes // row_bytes), margin=margin)
+
+
+def run_unet(cfg: UNetConfig, variables: dict[str, Any], x: jax.Array, slabs: SlabBudget,
+             transform: Callable[[jax.Array], jax.Array] = lambda logits: logits) -> jax.Array:
+    """``transform`` of the logits of U-Net ``cfg`` (its own variables) on ``x``, whole or in
+    slabs (then applied slab by slab: a voxel-wise ``transform`` such as the softmax needs no
+    second buffer of the output's size)."""
+    plan = slabs.plan(cfg, x)
+    if plan is None:
+        return transform(UNet(cfg).apply(variables, x))
+    return slabwise_logits(cfg, variables, x, plan, transform)
+
+
+def network_posteriors(module: nn.Module, variables: dict[str, Any], x: jax.Array,
+                       slabs: SlabBudget) -> jax.Array:
+    """A segmenter's (``Segmenter`` or ``RobustCascade``) softmax, its U-Nets in slabs where large."""
+    softmax = lambda logits: jax.nn.softmax(logits, axis=-1)  # noqa: E731
+    if isinstance(module, RobustCascade):
+        stages = module.stage_configs()
+        return cascade(stages, x, lambda cfg, z: run_unet(
+            cfg, unet_variables(variables, cfg.prefix), z, slabs,
+            softmax if cfg is stages[-1] else (lambda logits: logits)))
+    cfg = module.config
+    return run_unet(cfg, unet_variables(variables, cfg.prefix), x, slabs, softmax)
 
 
 def qc_one_hot(seg_index: jax.Array, qc_class: jax.Array, n_qc: int, size: int) -> jax.Array:
@@ -290,10 +390,12 @@ class NetworkOutput:
 class Predictor:
     """Runs the networks of one mode; one compiled executable per padded shape, kept for reuse."""
 
-    def __init__(self, networks: Networks, mode: Mode, qc_crop_size: int = QC_CROP_SIZE) -> None:
+    def __init__(self, networks: Networks, mode: Mode, qc_crop_size: int = QC_CROP_SIZE,
+                 slabs: SlabBudget = SlabBudget()) -> None:
         self.networks = networks
         self.mode = mode
         self.qc_crop_size = qc_crop_size
+        self.slabs = slabs
         tables = networks.tables
         self._flip = jnp.asarray(tables.flip, dtype=jnp.int32)
         self._labels = jnp.asarray(tables.segmentation, dtype=jnp.int32)
@@ -306,6 +408,7 @@ class Predictor:
         self._variables = jax.device_put(networks.variables)
         self._compiled: dict[tuple[int, ...], Any] = {}
         self._compiled_finish: dict[tuple[int, ...], Any] = {}
+        self._compiled_parc: dict[tuple[int, ...], Any] = {}
         self.compile_seconds: dict[tuple[int, ...], float] = {}
 
     # The traced function -------------------------------------------------------------------
@@ -314,6 +417,8 @@ class Predictor:
         x = image[None, ..., None]
 
         def segment(inp: jax.Array) -> jax.Array:
+            if round(nets.seg_voxel_size) <= 1:
+                return network_posteriors(nets.segmenter, variables["seg"], inp, self.slabs)
             logits = at_voxel_size(lambda z: nets.segmenter.apply(variables["seg"], z), inp,
                                    nets.seg_voxel_size)
             return jax.nn.softmax(logits, axis=-1)
@@ -330,17 +435,39 @@ class Predictor:
             # temporaries at 224x256x192), and compiles the U-Net twice. The sum is first + back.
             x_flipped = jnp.flip(x, axis=1)
             zeros = jnp.zeros(x.shape[:-1] + (nets.tables.n_labels,), x.dtype)
+            flip_back = lambda post: jnp.take(jnp.flip(post, axis=1), self._flip, axis=-1)  # noqa: E731
+            plan = self._segmenter_plan(x)
 
             def add_pass(i: jax.Array, total: jax.Array) -> jax.Array:
-                post = segment(jnp.where(i == 0, x, x_flipped))
-                back = jnp.take(jnp.flip(post, axis=1), self._flip, axis=-1)
-                return total + jnp.where(i == 0, post, back)
+                inp = jnp.where(i == 0, x, x_flipped)
+                if plan is None:
+                    post = segment(inp)
+                    return total + jnp.where(i == 0, post, flip_back(post))
+
+                def add_slab(total: jax.Array, start: jax.Array, logits: jax.Array) -> jax.Array:
+                    # each slab's posteriors go straight into the sum (flipped back: the
+                    # mirrored rows), so neither pass's whole posteriors ever exist
+                    post = jax.nn.softmax(logits, axis=-1)
+                    rows = jnp.where(i == 0, start, x.shape[1] - start - plan.rows)
+                    here = jax.lax.dynamic_slice_in_dim(total, rows, plan.rows, axis=1)
+                    add = jnp.where(i == 0, post, flip_back(post))
+                    return jax.lax.dynamic_update_slice_in_dim(total, here + add, rows, axis=1)
+
+                cfg = nets.segmenter.config
+                return unet_slabwise(cfg, unet_variables(variables["seg"], cfg.prefix), inp,
+                                     plan, add_slab, total)
 
             total = jax.lax.fori_loop(0, 2, add_pass, zeros)
-            seg_out = parc_in = qc_in = gaussian_blur(0.5 * total)
+            blurred = (gaussian_blur(0.5 * total) if plan is None
+                       else gaussian_blur_in_slabs(total, plan.rows, 0.5))
+            seg_out = parc_in = qc_in = blurred
         else:
             raw = segment(x)
-            blurred = gaussian_blur(raw)
+            plan = self._segmenter_plan(x)
+            if plan is None or mode.parc or mode.qc:
+                blurred = gaussian_blur(raw)
+            else:     # raw is not needed after its blur
+                blurred = gaussian_blur_in_slabs(raw, plan.rows)
             # fast: the original's outputs are its 'unet_prediction' layer (before the blur)
             # whenever parcellation or QC is requested, the blurred tensor otherwise; the
             # parcellation always sees the blurred one, QC the blurred one only without parc.
@@ -350,15 +477,93 @@ class Predictor:
 
         # with the masks of post-processing's connected components (the rest is _finish)
         out = {"seg": seg_out[0], **cleanup_masks(seg_out[0], self._groups, mode.is_fast)}
-        if mode.parc:
+        if mode.parc and self._parc_plan(image.shape) is not None:
+            # in slabs after the clean-up (parcellate): only the network's cortex mask now
+            out["parc_cortex"] = in_cortex(jnp.argmax(parc_in, axis=-1)[0], self._labels)
+        elif mode.parc:
             parc_x = parcellation_input(x, jnp.argmax(parc_in, axis=-1), self._labels)
-            unet = lambda z, **kw: nets.parc.apply(variables["parc"], z, **kw)
+            unet = lambda z, **kw: nets.parc.apply(variables["parc"], z, **kw)  # noqa: E731
             out["parc"] = softmax_blurred(unet, parc_x)[0]
         if mode.qc:
             onehot = qc_one_hot(jnp.argmax(qc_in, axis=-1), self._qc_class, self._n_qc,
                                 self.qc_crop_size)
             out["qc"] = nets.qc.apply(variables["qc"], onehot)[0]
         return out
+
+    def _segmenter_plan(self, x: jax.Array) -> SlabPlan | None:
+        """The slabs of a single-U-Net segmenter at 1 mm (None: whole, or another kind)."""
+        nets = self.networks
+        if isinstance(nets.segmenter, RobustCascade) or round(nets.seg_voxel_size) > 1:
+            return None
+        return self.slabs.plan(nets.segmenter.config, x)
+
+    # The parcellation in slabs -------------------------------------------------------------
+    # With large feature maps the parcellation U-Net runs after the clean-up, slab by slab: each
+    # slab's blurred posteriors are labelled (label_parcellation) and summed for the volumes on
+    # the host at once (add_float32_sums, the original's order), so its posteriors (69 channels,
+    # 4.6 GB at 256^3) never exist whole.
+    def _parc_plan(self, shape: tuple[int, ...]) -> SlabPlan | None:
+        spec = jax.ShapeDtypeStruct((1, *shape, 3), jnp.float32)
+        return self.slabs.plan(self.networks.parc.config, spec, margin=blur_margin())
+
+    def _parc_variables(self, variables: dict[str, Any]) -> dict[str, Any]:
+        return unet_variables(variables["parc"], self.networks.parc.config.prefix)
+
+    def _parc_encode(self, variables: dict[str, Any], image: jax.Array, cortex: jax.Array):
+        x = with_cortex_mask(image[None, ..., None], cortex[None])
+        return encode_in_slabs(self.networks.parc.config, self._parc_variables(variables), x,
+                               self._parc_plan(image.shape))
+
+    def _parc_slab(self, variables: dict[str, Any], skips: dict[int, jax.Array],
+                   coarse: jax.Array, seg: jax.Array, k: jax.Array) -> dict[str, jax.Array]:
+        plan = self._parc_plan(seg.shape)
+        logits = decode_slab(self.networks.parc.config, self._parc_variables(variables), skips,
+                             coarse, plan, k)
+        start = k * plan.rows
+        parc = blur_padded_softmax(logits, (start, 0, 0), seg.shape)[0]
+        rows = jax.lax.dynamic_slice_in_dim(seg, start, plan.rows, axis=0)
+        rows, parc = label_parcellation(rows, parc, self._parc_labels)
+        return {"seg": rows.astype(jnp.int32), "parc": parc}
+
+    def _compile_parcellation(self, shape: tuple[int, ...]):
+        spec = lambda s, t=jnp.float32: jax.ShapeDtypeStruct(s, t)  # noqa: E731
+        args = (self._variables, spec(shape), spec(shape, jnp.bool_))
+        encode = jax.jit(self._parc_encode).lower(*args).compile(compiler_options=COMPILER_OPTIONS)
+        skips, coarse = jax.eval_shape(self._parc_encode, *args)
+        slab = jax.jit(self._parc_slab).lower(
+            self._variables, skips, coarse, spec(shape, jnp.int32), spec((), jnp.int32)
+        ).compile(compiler_options=COMPILER_OPTIONS)
+        return encode, slab
+
+    def parcellate(self, image: np.ndarray, cortex: jax.Array, seg_device: jax.Array,
+                   pad_idx: np.ndarray, keep_posteriors: bool = False
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The labels with the parcellation in the cortex, the parcellation's float32 sums
+        inside ``pad_idx`` (as ``original_sums`` takes them) and, if ``keep_posteriors``, its
+        cleaned posteriors (whole: only when an output needs them)."""
+        shape = tuple(image.shape)
+        plan = self._parc_plan(shape)
+        encode, slab = self._compiled_parc[shape]
+        skips, coarse = encode(self._variables, image, cortex)
+        seg = np.empty(shape, np.int32)
+        n_parc = len(self.networks.tables.parcellation)
+        kept = np.empty(shape + (n_parc,), np.float32) if keep_posteriors else None
+        sums = None
+        for k in range(plan.count):
+            out = slab(self._variables, skips, coarse, seg_device, np.int32(k))
+            start = k * plan.rows
+            seg[start:start + plan.rows] = np.asarray(out["seg"])
+            if kept is not None:
+                kept[start:start + plan.rows] = np.asarray(out["parc"])
+            lo, hi = max(int(pad_idx[0]), start), min(int(pad_idx[3]), start + plan.rows)
+            if lo < hi:
+                rows = np.asarray(out["parc"])[lo - start:hi - start, pad_idx[1]:pad_idx[4],
+                                               pad_idx[2]:pad_idx[5], 1:]
+                sums = add_float32_sums(sums, rows)
+            del out
+        if sums is None:
+            sums = np.zeros(n_parc - 1, np.float32)
+        return seg, sums, kept
 
     def _finish(self, post: jax.Array, brain_keep: jax.Array, class_keep: jax.Array | None,
                 parc: jax.Array | None) -> dict[str, jax.Array]:
@@ -376,6 +581,8 @@ class Predictor:
             lowered = jax.jit(self._forward).lower(self._variables, spec)
             self._compiled[shape] = lowered.compile(compiler_options=COMPILER_OPTIONS)
             self._compiled_finish[shape] = self._compile_finish(shape)
+            if self.mode.parc and self._parc_plan(shape) is not None:
+                self._compiled_parc[shape] = self._compile_parcellation(shape)
             self.compile_seconds[shape] = time.perf_counter() - start
             log.info("compiled in %.1f s (%d shape(s) cached)", self.compile_seconds[shape],
                      len(self._compiled))
@@ -392,11 +599,12 @@ class Predictor:
         f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
         boolean = lambda *s: jax.ShapeDtypeStruct(s, jnp.bool_)
         n_groups = len(self._groups)
+        parc = self.mode.parc and self._parc_plan(shape) is None   # else: parcellate()
         args = (f32(*shape, tables.n_labels), boolean(*shape),
                 None if self.mode.is_fast else boolean(n_groups, *shape),
-                f32(*shape, len(tables.parcellation)) if self.mode.parc else None)
+                f32(*shape, len(tables.parcellation)) if parc else None)
         # the forward's posteriors are not used again: their buffers may hold the results
-        donate = (0, 3) if self.mode.parc else (0,)
+        donate = (0, 3) if parc else (0,)
         lowered = jax.jit(self._finish, donate_argnums=donate).lower(*args)
         return lowered.compile(compiler_options=COMPILER_OPTIONS)
 
@@ -433,7 +641,15 @@ class Predictor:
         # the original sums the parcellation posteriors on the RAS grid, always in float32
         parc_sums = original_sums(parc, pad_idx, np.float32) if parc is not None else None
         seconds["volumes"] = time.perf_counter() - start
-        return PaddedResult(seg=seg, posteriors=post if posteriors else None, sums=sums,
+        if "parc_cortex" in out:
+            start = time.perf_counter()
+            seg_device = fin["seg"]
+            if not posteriors:
+                del fin, post    # the segmentation's posteriors were only needed for the sums
+            seg, parc_sums, parc = self.parcellate(image, out["parc_cortex"], seg_device, pad_idx,
+                                                   keep_posteriors=posteriors)
+            seconds["parcellation"] = time.perf_counter() - start
+        return PaddedResult(seg=seg, posteriors=np.asarray(post) if posteriors else None, sums=sums,
                             parc_sums=parc_sums, parc_posteriors=parc if posteriors else None,
                             qc_scores=np.asarray(out["qc"]) if "qc" in out else None, seconds=seconds)
 

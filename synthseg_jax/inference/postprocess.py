@@ -171,12 +171,19 @@ def clean_and_label(post: jax.Array, brain_keep: jax.Array, class_keep: jax.Arra
     seg = labels[jnp.argmax(post, axis=-1)]
     out = {"posteriors": post}
     if parc is not None:
-        cortex = jnp.isin(seg, jnp.asarray(CORTEX_LABELS))
-        parc = _renormalise(parc.at[..., 0].set((~cortex).astype(parc.dtype)))
-        seg = jnp.where(cortex, parc_labels[jnp.argmax(parc, axis=-1)], seg)
-        out["parc"] = parc
+        seg, out["parc"] = label_parcellation(seg, parc, parc_labels)
     out["seg"] = seg.astype(jnp.int32)
     return out
+
+
+def label_parcellation(seg: jax.Array, parc: jax.Array, parc_labels: jax.Array
+                       ) -> tuple[jax.Array, jax.Array]:
+    """The parcellation's part of step 3 (voxel-wise, so also slab by slab): cortex voxels of
+    ``seg`` take the parcellation's label; the parcellation posteriors get background 1 outside
+    the cortex and 0 inside, renormalised."""
+    cortex = jnp.isin(seg, jnp.asarray(CORTEX_LABELS))
+    parc = _renormalise(parc.at[..., 0].set((~cortex).astype(parc.dtype)))
+    return jnp.where(cortex, parc_labels[jnp.argmax(parc, axis=-1)], seg), parc
 
 
 # ------------------------------------------------------------------------------------------------
@@ -210,6 +217,13 @@ def original_sums(posteriors: np.ndarray, pad_idx: np.ndarray, dtype=np.float32,
     if np.dtype(dtype) == np.float32:
         return np.sum(np.asarray(region, dtype=np.float32), axis=(0, 1, 2))
     return np.sum(region, axis=(0, 1, 2), dtype=np.float64)
+
+
+def add_float32_sums(sums: np.ndarray | None, rows: np.ndarray) -> np.ndarray:
+    """``original_sums``' float32 accumulation (voxel after voxel in C order) carried on over
+    further ``rows`` (X, Y, Z, C) of the same region: the same bits as summing the whole at once."""
+    flat = np.asarray(rows, dtype=np.float32).reshape(-1, rows.shape[-1])
+    return np.sum(flat if sums is None else np.concatenate([sums[None], flat]), axis=0)
 
 
 def assemble_volumes(sums: np.ndarray, labels: np.ndarray, voxel_size: np.ndarray, v1: bool,

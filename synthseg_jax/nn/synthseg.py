@@ -7,6 +7,8 @@ onto them by layer name.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -72,11 +74,18 @@ class RobustCascade(nn.Module):
 
     @nn.compact
     def __call__(self, image: jax.Array, train: bool = False) -> jax.Array:
-        first, denoiser, second = self.stage_configs()
-        groups = one_hot_argmax(UNet(first, name=first.prefix)(image, train))
-        denoised = one_hot_argmax(UNet(denoiser, name=denoiser.prefix)(groups, train))
-        joined = jnp.concatenate([image, denoised], axis=-1)
-        return UNet(second, name=second.prefix)(joined, train)
+        return cascade(self.stage_configs(), image,
+                       lambda cfg, x: UNet(cfg, name=cfg.prefix)(x, train))
+
+
+def cascade(stages: tuple[UNetConfig, UNetConfig, UNetConfig], image: jax.Array,
+            run: Callable[[UNetConfig, jax.Array], jax.Array]) -> jax.Array:
+    """The robust cascade's wiring, ``run(config, input)`` giving each stage's logits (the
+    module's U-Nets, or the same evaluated in slabs)."""
+    first, denoiser, second = stages
+    groups = one_hot_argmax(run(first, image))
+    denoised = one_hot_argmax(run(denoiser, groups))
+    return run(second, jnp.concatenate([image, denoised], axis=-1))
 
 
 class QCRegressor(nn.Module):
@@ -123,7 +132,12 @@ def crop_around_labels(label_index: jax.Array, size: int = QC_CROP_SIZE) -> jax.
 
 def parcellation_input(image: jax.Array, seg_index: jax.Array, labels: jax.Array) -> jax.Array:
     """Image joined to a two-channel one-hot cortex mask (labels 3 and 42), as the parc U-Net sees it."""
-    return with_cortex_mask(image, jnp.isin(labels, jnp.array(CORTEX_LABELS))[seg_index])
+    return with_cortex_mask(image, in_cortex(seg_index, labels))
+
+
+def in_cortex(seg_index: jax.Array, labels: jax.Array) -> jax.Array:
+    """Whether each voxel's label index (into ``labels``) is a cortex label (3, 42)."""
+    return jnp.isin(labels, jnp.array(CORTEX_LABELS))[seg_index]
 
 
 def with_cortex_mask(image: jax.Array, in_cortex: jax.Array) -> jax.Array:

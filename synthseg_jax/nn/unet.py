@@ -88,6 +88,55 @@ def check_spatial_shape(shape: tuple[int, ...], multiple: int, what: str) -> Non
         )
 
 
+def encode_levels(cfg: UNetConfig, x: jax.Array, train: bool, levels: range
+                  ) -> tuple[list[jax.Array], jax.Array]:
+    """The encoder's ``levels`` (inside a Flax module's compact call: the layers get their Keras
+    names): per level the convolutions, the skip (taken before the level's BatchNorm, as in
+    neurite), BatchNorm and, but after the deepest level, max-pooling. Returns the skips and the
+    last level's output."""
+    act = ACTIVATIONS[cfg.activation]
+    skips = []
+    for level in levels:
+        for i in range(cfg.nb_conv_per_level):
+            name = f"{cfg.prefix}_conv_downarm_{level}_{i}"
+            x = act(conv3d(cfg.level_features(level), cfg.conv_size, name, cfg.conv_dtype)(x))
+        skips.append(x)
+        if cfg.batch_norm:
+            x = batch_norm(f"{cfg.prefix}_bn_down_{level}", train)(x)
+        if level < cfg.nb_levels - 1:
+            x = max_pool(x)
+    return skips, x
+
+
+def has_skip(cfg: UNetConfig, level: int) -> bool:
+    """Whether the decoder joins encoder ``level``'s skip (the l2l denoiser drops the shallowest)."""
+    return level >= cfg.skip_n_concatenations
+
+
+def decode_level(cfg: UNetConfig, x: jax.Array, skip: jax.Array | None, train: bool,
+                 level: int) -> jax.Array:
+    """The decoder's step up to the resolution of encoder ``level``: upsampling, the skip joined
+    (if ``has_skip``), convolutions, BatchNorm (inside a compact call, like ``encode_levels``)."""
+    act = ACTIVATIONS[cfg.activation]
+    up = cfg.nb_levels - 2 - level            # the decoder's own numbering, 0 = deepest
+    x = upsample_nearest(x)
+    if skip is not None:
+        x = jnp.concatenate([skip, x], axis=-1)
+    for i in range(cfg.nb_conv_per_level):
+        name = f"{cfg.prefix}_conv_uparm_{cfg.nb_levels + up}_{i}"
+        x = act(conv3d(cfg.level_features(level), cfg.conv_size, name, cfg.conv_dtype)(x))
+    if cfg.batch_norm:
+        x = batch_norm(f"{cfg.prefix}_bn_up_{up}", train)(x)
+    return x
+
+
+def likelihood(cfg: UNetConfig, x: jax.Array, pad_output: int = 0) -> jax.Array:
+    """The final 1x1x1 convolution to float32 logits; ``pad_output``: see ``UNet``."""
+    if pad_output:
+        x = jnp.pad(x, [(0, 0)] + [(pad_output, pad_output)] * 3 + [(0, 0)])
+    return conv3d(cfg.n_labels, 1, f"{cfg.prefix}_likelihood")(x)
+
+
 class UNet(nn.Module):
     """neurite ``unet``: returns the logits of ``<prefix>_likelihood`` (softmax is the caller's).
 
@@ -104,32 +153,33 @@ class UNet(nn.Module):
         padding then needs no padded copy of its many-channel output."""
         cfg = self.config
         check_spatial_shape(x.shape[1:-1], cfg.size_multiple, f"U-Net '{cfg.prefix}'")
-        act = ACTIVATIONS[cfg.activation]
-        skips = []
-        for level in range(cfg.nb_levels):
-            for i in range(cfg.nb_conv_per_level):
-                name = f"{cfg.prefix}_conv_downarm_{level}_{i}"
-                x = act(conv3d(cfg.level_features(level), cfg.conv_size, name, cfg.conv_dtype)(x))
-            skips.append(x)  # the skip is taken before this level's BatchNorm, as in neurite
-            if cfg.batch_norm:
-                x = batch_norm(f"{cfg.prefix}_bn_down_{level}", train)(x)
-            if level < cfg.nb_levels - 1:
-                x = max_pool(x)
+        skips, x = encode_levels(cfg, x, train, range(cfg.nb_levels))
+        for level in reversed(range(cfg.nb_levels - 1)):
+            x = decode_level(cfg, x, skips[level] if has_skip(cfg, level) else None, train, level)
+        return likelihood(cfg, x, pad_output)
 
-        n_up = cfg.nb_levels - 1
-        for level in range(n_up):
-            x = upsample_nearest(x)
-            if level < n_up - cfg.skip_n_concatenations:
-                x = jnp.concatenate([skips[n_up - 1 - level], x], axis=-1)
-            for i in range(cfg.nb_conv_per_level):
-                name = f"{cfg.prefix}_conv_uparm_{cfg.nb_levels + level}_{i}"
-                x = act(conv3d(cfg.level_features(n_up - 1 - level), cfg.conv_size, name, cfg.conv_dtype)(x))
-            if cfg.batch_norm:
-                x = batch_norm(f"{cfg.prefix}_bn_up_{level}", train)(x)
 
-        if pad_output:
-            x = jnp.pad(x, [(0, 0)] + [(pad_output, pad_output)] * 3 + [(0, 0)])
-        return conv3d(cfg.n_labels, 1, f"{cfg.prefix}_likelihood")(x)  # float32 logits
+class UNetPart(nn.Module):
+    """A part of ``UNet`` run on the UNet's own variables (same layer names): what slab-wise
+    evaluation (``nn/slabs.py``) runs piece by piece. ``part``: 'encode' (levels ``lo``..``hi``-1:
+    returns skips and output), 'decode' (decoder steps to the resolutions of levels ``hi``-1 down
+    to ``lo``, given the skips of those levels, None where there is none) or 'likelihood'."""
+
+    config: UNetConfig
+    part: str
+    lo: int = 0
+    hi: int = 0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, skips: tuple | None = None, pad_output: int = 0):
+        cfg = self.config
+        if self.part == "encode":
+            return encode_levels(cfg, x, False, range(self.lo, self.hi))
+        if self.part == "decode":
+            for level in reversed(range(self.lo, self.hi)):
+                x = decode_level(cfg, x, skips[level - self.lo], False, level)
+            return x
+        return likelihood(cfg, x, pad_output)
 
 
 @dataclasses.dataclass(frozen=True)
