@@ -4,7 +4,7 @@
     python predict.py i=scan.nii.gz o=seg.nii.gz parc=true vol=vols.csv qc=qc.csv
 """
 
-from synthseg_jax.predict import main
+from synthseg_jax.interrupts import guarded_main
 
 if __name__ == "__main__":
-    main()
+    guarded_main("synthseg_jax.predict")

@@ -68,6 +68,18 @@ def check() -> None:
         raise KeyboardInterrupt
 
 
+def guarded_main(module: str) -> None:
+    """Run ``module.main()`` with the handler installed before the module is even imported."""
+    import importlib
+
+    install()
+    try:
+        main = importlib.import_module(module).main
+    except KeyboardInterrupt:
+        sys.exit(interrupted_while_starting())
+    main()
+
+
 def interrupted_while_starting(stderr: TextIO | None = None) -> int:
     """Say so (before any scan was touched) and give the exit code."""
     print("ERROR interrupted before any scan was segmented", file=stderr or sys.stderr)

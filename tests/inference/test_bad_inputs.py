@@ -286,7 +286,7 @@ def test_ctrl_c_while_starting_is_one_line(tmp_path, dirs, entry):
 
     src = nifti(tmp_path / "s.nii.gz", good_data((40, 44, 36)))
     cmd = predict_command(entry, src, tmp_path / "o.nii.gz", dirs)
-    for delay in (0.4, 1.0, 2.0, 3.0):
+    for delay in (1.5, 2.5, 3.5):
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 cwd=tmp_path)
         time.sleep(delay)
