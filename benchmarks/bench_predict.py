@@ -8,7 +8,8 @@
                                        [--json OUT.json] [--grid 256x256x256 --random-models DIR]
 
 Each mode runs in its own process (so its peak memory is its own): our pipeline segments the same
-image ``--scans`` times in one batch (a .txt list), which separates the first scan (compilation
+image ``--scans`` times in one batch (a .txt list, one scan at a time: ``overlap=false``, so that
+the stages add up to the scan's time), which separates the first scan (compilation
 included) from the following ones, and reports where the time goes (read, preprocessing,
 compile, network, connected components, post-processing on the device, geometry/volumes on the
 host, writing). "first scan" is the whole process up to the end of the first scan (Python and
@@ -86,7 +87,8 @@ def inner(args: argparse.Namespace) -> None:
         flags["qc"] = os.path.join(work, "qc.txt")
     start = time.perf_counter()
     runner = Runner(PredictOptions.create(i=os.path.join(work, "in.txt"), o=os.path.join(work, "out.txt"),
-                            models_dir=args.models, crop=args.crop, progress=False, **flags),
+                            models_dir=args.models, crop=args.crop, progress=False, overlap=False,
+                            **flags),
                     stdout=sys.stderr)
     setup = time.perf_counter() - start
     summary = runner.run()

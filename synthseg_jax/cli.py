@@ -6,8 +6,9 @@
 
 accepts exactly the original's flags (so scripts switch by changing the program's name), FreeSurfer
 8's (``--autocrop``, ``--addctab``/``--noaddctab``, ``--model``), plus ``--models_dir``,
-``--labels_dir``, ``--device``, ``--overlay``, ``--channels`` and ``--no-progress``; the second
-form is the BIDS-App command line (other flags as in the first). The flags map
+``--labels_dir``, ``--device``, ``--overlay``, ``--channels``, ``--no-progress``, ``--overwrite``
+and ``--shard K/N``; the second form is the BIDS-App command line (other flags as in the first).
+The flags map
 onto the same options as ``predict.py``'s keys (``PredictOptions``, defaults from
 ``configs/predict.yaml``; one flag per entry of the output table), except two defaults that follow
 the original: one thread, and the models folder ``$SYNTHSEG_JAX_MODELS``, else
@@ -71,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--bf16", dest="precision", action="store_const", const="bf16",
         help="(optional) bfloat16 convolution products (float32 accumulation and all else).")
     add("--no-progress", dest="progress", action="store_false", help="(optional) No progress bar.")
+    add("--overwrite", action="store_true",
+        help="(optional) Segment again the scans whose outputs all exist (a re-run skips them).")
+    add("--shard", metavar="K/N", help="(optional) Only the K-th (from 0) of N parts of the scans.")
     return parser
 
 

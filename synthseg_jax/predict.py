@@ -5,6 +5,14 @@ wherever the package is installed:
     python -m synthseg_jax.predict i=scan.nii.gz o=seg.nii.gz parc=true vol=vols.csv qc=qc.csv
 
 The same pipeline is installed as ``mri_synthseg_jax``, which takes mri_synthseg's own flags.
+
+A cohort in parts, each a job of Hydra's launcher (``pip install 'synthseg-jax[cluster]'``):
+
+    python -m synthseg_jax.predict -m i=scans/ o=segs/ vol=vols.csv shard=0/4,1/4,2/4,3/4 \
+        hydra/launcher=submitit_slurm            # or submitit_local: the same on this machine
+
+In a multirun a job does not exit the process (the launcher runs the others): a job with a failed
+scan raises ``ScansFailed`` instead, which Hydra reports and turns into the sweep's exit code 1.
 """
 
 from __future__ import annotations
@@ -31,7 +39,8 @@ def main() -> None:
 
 
 def checked_main() -> None:
-    """Unknown keys are refused here, in one line, before Hydra would refuse them in six."""
+    """Unknown keys and bad shard specs are refused here, in one line, before Hydra would refuse
+    them in six (or, in a multirun, each job of the launcher in its own log)."""
     import hydra
 
     from synthseg_jax.inference.options import UsageError, check_keys
@@ -41,10 +50,26 @@ def checked_main() -> None:
     try:
         check_keys(k for k in keys if not k.startswith(("hydra.", "hydra/")))
         check_path_quoting(sys.argv[1:])
+        check_shards(sys.argv[1:])
     except UsageError as err:
         print(f"ERROR {err}", file=sys.stderr)
         sys.exit(1)
     hydra.main(version_base=None, config_path=config_dir(), config_name="predict")(predict)()
+
+
+def check_shards(args: list[str]) -> None:
+    """Every value of ``shard=`` (a sweep: ``shard=0/2,1/2``) is a ``K/N``."""
+    from synthseg_jax.inference.cohort import Shard
+    from synthseg_jax.inference.options import UsageError
+
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+") == "shard" and value not in ("", "null") and "(" not in value:
+            for spec in value.split(","):
+                try:
+                    Shard.parse(spec)
+                except ValueError as err:
+                    raise UsageError(f"shard: {err}") from None
 
 
 HYDRA_SPECIAL = re.compile(r"(?<!\\)[,()=]")   # not escaped with a backslash
@@ -64,8 +89,14 @@ def check_path_quoting(args: list[str]) -> None:
                              f"\"{key}='{value}'\" (or use mri_synthseg_jax --{key})")
 
 
+class ScansFailed(RuntimeError):
+    """A job of a multirun (one shard) could not segment every scan; its ERROR lines say why."""
+
+
 def predict(cfg: DictConfig) -> None:
     # jax is imported only after the device and thread settings are in place
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
     from omegaconf import OmegaConf
 
     from synthseg_jax.inference.options import PredictOptions, UsageError
@@ -80,7 +111,13 @@ def predict(cfg: DictConfig) -> None:
     except UsageError as err:
         print(f"ERROR {err}", file=sys.stderr)
         sys.exit(1)
-    sys.exit(run(opts))
+    code = run(opts)
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        if code:
+            raise ScansFailed(f"{'shard ' + str(opts.shard) if opts.shard else 'this job'}: "
+                              f"not every scan was segmented (exit code {code}; see its ERROR lines)")
+        return
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Layout of the original:
 
 * one file for all scans (a file or folder input): first row ``subject`` + column names, then one
-  row per scan, appended as scans finish;
+  row per scan, appended as scans finish (here: in the run's order, ``shared_table.py``);
 * one file per scan (a ``.txt`` list input): first row ``""`` + column names, second row the scan;
 * column names: the structure names in increasing label order, background left out; for 2.0 the
   extra ``total intracranial`` column comes first; with ``parc`` the parcellation names follow;
@@ -79,22 +79,6 @@ def csv_text(rows: list[list[str]]) -> str:
     buffer = io.StringIO()
     csv.writer(buffer).writerows(rows)
     return buffer.getvalue()
-
-
-class CsvTable:
-    """A CSV file shared by all scans, rewritten (atomically, with the scan's other outputs) each
-    time a scan adds its row: the same bytes as the original's appends, and no partial file."""
-
-    def __init__(self, path: str, columns: list[str]) -> None:
-        self.path = path
-        self.rows: list[list[str]] = [["subject"] + list(columns)]
-
-    def pending(self, row: list[str]) -> str:
-        """The file's text once ``row`` is added (the row is kept by ``add``)."""
-        return csv_text(self.rows + [row])
-
-    def add(self, row: list[str]) -> None:
-        self.rows.append(row)
 
 
 def single_scan_csv(columns: list[str], row: list[str]) -> str:

@@ -25,6 +25,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from synthseg_jax.inference.cohort import Shard
 from synthseg_jax.inference.outputs import OUTPUT_KINDS
 from synthseg_jax.package_data import config_dir
 
@@ -70,6 +71,9 @@ class PredictOptions:
     device: Device
     precision: Precision
     progress: bool
+    overwrite: bool                     # segment scans whose outputs are complete again
+    shard: Shard | None                 # this process's part of the scans (K/N)
+    overlap: bool                       # read scan k+1 and write scan k-1 while scan k runs
     qc_crop_size: int                   # for tests only: the QC network's MakeShape size
     min_pad: Size3 | None               # for tests only: null is the original's rule
 
@@ -149,7 +153,8 @@ def predict_defaults() -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 
 def _parse(name: str, hint: Any, value: Any) -> Any:
-    """``value`` as the type ``hint`` (``X | None``, bool, int, str, ``Size3``, a ``Literal``)."""
+    """``value`` as the type ``hint`` (``X | None``, bool, int, str, ``Shard``, ``Size3``, a
+    ``Literal``)."""
     args = typing.get_args(hint)
     if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
         if value is None or value == "":
@@ -163,6 +168,11 @@ def _parse(name: str, hint: Any, value: Any) -> Any:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise UsageError(f"{name}: expected a path or name, got {value!r}")
+    if hint is Shard:
+        try:
+            return Shard.parse(value)
+        except ValueError as err:
+            raise UsageError(f"{name}: {err}") from None
     if hint == Size3:
         return _size3(name, value)
     if hint == Names:

@@ -88,6 +88,7 @@ class OutputKind:
     render: Callable[[ScanResult], Content | None] | None = None
     skipped_note: str = ""                # said when ``render`` gives nothing
     needs_posteriors: bool = False
+    expected: Callable[[str], bool] = lambda image: True   # scan scope: is a file made for it?
     columns: Callable[[LabelTables, bool], list[str]] | None = None   # table scope (tables, parc)
     row: Callable[[ScanResult], list[str] | None] | None = None       # None: no row for this scan
     what: str = ""                        # table and run scopes: how the summary names the file
@@ -112,6 +113,20 @@ def _resampled(result: ScanResult) -> ImageContent | None:
     return ImageContent(result.resampled, result.resampled_affine, result.header, np.float32)
 
 
+def _resampling_expected(image: str) -> bool:
+    """A resampled image is written only for a scan not at 1 mm, as its header says (a resumed
+    run asks this of a scan whose resampled image is absent)."""
+    import nibabel as nib
+
+    from synthseg_jax.geometry import needs_resampling
+
+    try:
+        zooms = nib.load(image).header.get_zooms()[:3]
+    except Exception:  # an unreadable scan: segmenting it again says why, in one line
+        return True
+    return needs_resampling(np.asarray(zooms))
+
+
 _KINDS = [
     OutputKind("o", "Segmentation output(s), of the same kind as --i.", IMAGE, "scan",
                folder_name="{stem}_synthseg{ext}",
@@ -121,6 +136,7 @@ _KINDS = [
                render=lambda r: ImageContent(r.posteriors, r.affine, r.header, np.float32)),
     OutputKind("resample", "(optional) Resampled image(s), of the same kind as --i.", IMAGE, "scan",
                folder_name="{stem}_resampled{ext}", render=_resampled,
+               expected=_resampling_expected,
                skipped_note="already at 1 mm, no resampled image written"),
     OutputKind("overlay", "(optional) PNG(s) with three orthogonal slices of the segmentation.",
                PNG, "scan", folder_name="{stem}_overlay.png", render=_overlay),

@@ -4,9 +4,11 @@ A problem with one scan is reported as one line (file and problem, no traceback)
 goes on; the summary lists the failures and the exit code is 1. A problem with the run itself
 (bad options, a models folder lacking a file) stops it before anything is written. Each scan's
 files are written under temporary names and renamed together at the end, so a failure leaves no
-partial output. What is written, and where, comes from the output table (``outputs.py``).
-With ``report``, each segmented scan leaves a record and the HTML report (``report.py``) is
-written once at the end, failures included.
+partial output; its rows then go into the shared tables (``shared_table.py``). What is written,
+and where, comes from the output table (``outputs.py``); which scans this process takes (its
+shard, less those already complete) from ``cohort.py``; the overlap of reading, network and
+writing across scans from ``overlap.py``. With ``report``, each segmented scan leaves a record
+and the HTML report (``report.py``) is written once at the end, failures included.
 """
 
 from __future__ import annotations
@@ -21,24 +23,22 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from synthseg_jax.inference.csv_files import (
-    CsvTable,
-    format_qc,
-    format_volumes,
-    single_scan_csv,
-    subject_name,
-)
 from synthseg_jax.inference.bids import plan_bids
+from synthseg_jax.inference.cohort import split_done
 from synthseg_jax.inference.colour_table import colour_table, ctab_text, mgh_colour_table_tag
+from synthseg_jax.inference.csv_files import format_qc, format_volumes, single_scan_csv, subject_name
 from synthseg_jax.inference.options import PredictOptions, UsageError
 from synthseg_jax.inference.outputs import OUTPUT_KINDS, ScanResult, write_content
+from synthseg_jax.inference.overlap import run_stages
 from synthseg_jax.inference.planning import Job, check_outputs, plan_outputs, resolve_dirs
-from synthseg_jax.inference.preprocess import preprocess
+from synthseg_jax.inference.preprocess import Preprocessed, preprocess
 from synthseg_jax.inference.report import ScanRecord, scan_record, write_report
+from synthseg_jax.inference.shared_table import SharedTable
 from synthseg_jax import interrupts
 from synthseg_jax.package_data import package_version
 from synthseg_jax.scans import (
     AtomicWriter,
+    Scan,
     ScanError,
     image_extension,
     load_scan,
@@ -52,13 +52,33 @@ log = logging.getLogger("synthseg_jax.inference")
 class Summary:
     done: list[str]
     failed: list[tuple[str, str]]
-    seconds: list[float]
+    skipped: list[str]                 # outputs already complete (a resumed run)
+    seconds: float = 0.0               # wall-clock time of the scans segmented
     errors: list[str] = dataclasses.field(default_factory=list)   # the plan's, not a scan's
     run_errors: list[str] = dataclasses.field(default_factory=list)   # the report not written
 
     @property
     def exit_code(self) -> int:
         return 1 if self.failed or self.errors or self.run_errors else 0
+
+
+@dataclasses.dataclass
+class Loaded:
+    """A scan read and preprocessed (the reader's stage), with what to say about it."""
+
+    job: Job
+    scan: Scan
+    prep: Preprocessed
+    messages: list[tuple[str, bool]]   # (line, to stderr)
+    stages: dict[str, float]
+
+
+@dataclasses.dataclass
+class Stored:
+    """A scan's outputs written (the writer's stage)."""
+
+    messages: list[tuple[str, bool]]
+    timing: dict[str, float]
 
 
 def _one_line(err: BaseException) -> str:
@@ -69,8 +89,21 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
+class _Laps:
+    """Seconds per named stage, each lap from the previous one."""
+
+    def __init__(self, stages: dict[str, float] | None = None) -> None:
+        self.stages = stages if stages is not None else {}
+        self.mark = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.stages[name] = self.stages.get(name, 0.0) + now - self.mark
+        self.mark = now
+
+
 class Runner:
-    """Segments scans one after another with networks loaded once."""
+    """Segments this process's scans with networks loaded once."""
 
     def __init__(self, opts: PredictOptions, stdout: TextIO | None = None,
                  stderr: TextIO | None = None) -> None:
@@ -94,8 +127,10 @@ class Runner:
         self.timings: list[dict[str, float]] = []   # per scan: compile, network, components, ...
         self.columns = {key: kind.columns(self.tables, self.mode.parc)
                         for key, kind in OUTPUT_KINDS.items() if kind.scope == "table"}
-        self.batch_tables = {key: CsvTable(path, self.columns[key])
+        subjects = [subject_name(job.image) for job in self.plan.jobs]
+        self.batch_tables = {key: SharedTable(path, self.columns[key], subjects)
                              for key, path in self.plan.tables.items()}
+        self.jobs = opts.shard.select(self.plan.jobs) if opts.shard else self.plan.jobs
         self.records: list[ScanRecord] = []   # for the report, one per segmented scan
 
     def say(self, message: str, err: bool = False) -> None:
@@ -103,45 +138,66 @@ class Runner:
 
         tqdm.write(message, file=self.stderr if err else self.stdout)
 
-    def segment(self, job: Job) -> float:
-        """Everything for one scan; raises on any problem, having written nothing."""
-        start = time.perf_counter()
-        from synthseg_jax.inference.postprocess import (
-            assemble_volumes,
-            to_input_grid,
-            to_scan_grid,
-            volume_dtype,
-        )
+    def pending(self) -> tuple[list[Job], list[Job]]:
+        """(this process's scans to segment, those skipped as complete), the tables read once."""
+        rows = {}
+        for key, table in self.batch_tables.items():
+            rows[key] = table.read()
+            if rows[key] is None:
+                self.say(f"{table.path}: not a {OUTPUT_KINDS[key].what} table of this run's "
+                         f"columns; rewriting it with this run's rows")
+        return split_done(self.jobs, lambda job: all(
+            subject_name(job.image) in (found or {}) for found in rows.values()), self.opts.overwrite)
 
-        stages: dict[str, float] = {}   # host stages around the network's (seconds)
-        mark = time.perf_counter()
-
-        def lap(name: str) -> None:
-            nonlocal mark
-            now = time.perf_counter()
-            stages[name] = stages.get(name, 0.0) + now - mark
-            mark = now
-
+    # The three stages of one scan -----------------------------------------------------------
+    def load(self, job: Job) -> Loaded:
+        laps = _Laps()
         scan = load_scan(job.image, channels=self.opts.channels)
-        lap("read")
+        laps("read")
+        messages = []
         if scan.n_channels > 1:
             used = ("their mean is used (channels=first: the first, as FreeSurfer 7)"
                     if self.opts.channels == "mean" else "only the first is used")
-            self.say(f"WARNING: {job.image}: {scan.n_channels} channels, {used}", err=True)
+            messages.append((f"WARNING: {job.image}: {scan.n_channels} channels, {used}", True))
         if scan.non_finite:
-            self.say(f"WARNING: {job.image}: {scan.non_finite} NaN or infinite voxel(s) taken as "
-                     f"background", err=True)
+            messages.append((f"WARNING: {job.image}: {scan.non_finite} NaN or infinite voxel(s) "
+                             f"taken as background", True))
         prep = preprocess(scan, crop=self.opts.crop, ct=self.opts.ct, min_pad=self.opts.min_pad,
                           autocrop=self.opts.autocrop)
-        lap("preprocess")
-        write_posteriors = any(OUTPUT_KINDS[key].needs_posteriors for key in job.paths)
-        keepgeom = self.keepgeom and prep.resampled is not None
-        posteriors = write_posteriors or keepgeom     # keepgeom's labels come from them
-        net = self.predictor.predict(prep.image, prep.pad_idx, posteriors=posteriors,
-                                     volume_dtype=volume_dtype(prep.crop_idx is not None),
-                                     alignment=prep.alignment)
-        mark = time.perf_counter()
-        post = to_scan_grid(net.posteriors, prep, fill_background=True) if posteriors else None
+        laps("preprocess")
+        return Loaded(job=job, scan=scan, prep=prep, messages=messages, stages=laps.stages)
+
+    def infer(self, loaded: Loaded):
+        """The networks and the device's post-processing: the calling (main) thread, where a
+        deferred Ctrl-C stops the run before the next scan's network."""
+        from synthseg_jax.inference.postprocess import volume_dtype
+
+        interrupts.check()
+        prep = loaded.prep
+        posteriors = self._writes_posteriors(loaded.job) or self._keepgeom(prep)
+        return self.predictor.predict(prep.image, prep.pad_idx, posteriors=posteriors,
+                                      volume_dtype=volume_dtype(prep.crop_idx is not None),
+                                      alignment=prep.alignment)
+
+    @staticmethod
+    def _writes_posteriors(job: Job) -> bool:
+        return any(OUTPUT_KINDS[key].needs_posteriors for key in job.paths)
+
+    def _keepgeom(self, prep: Preprocessed) -> bool:
+        """keepgeom's labels come from the posteriors, resampled onto the input's grid."""
+        return self.keepgeom and prep.resampled is not None
+
+    def store(self, loaded: Loaded, net) -> Stored:
+        """Back onto the scan's grid, the volumes, every output written; raises having written
+        nothing of this scan."""
+        from synthseg_jax.inference.postprocess import assemble_volumes, to_input_grid, to_scan_grid
+
+        laps = _Laps(dict(loaded.stages))
+        job, prep, scan = loaded.job, loaded.prep, loaded.scan
+        write_posteriors = self._writes_posteriors(job)
+        keepgeom = self._keepgeom(prep)
+        post = (to_scan_grid(net.posteriors, prep, fill_background=True)
+                if write_posteriors or keepgeom else None)
         affine = prep.affine
         if keepgeom:
             parc = (to_scan_grid(net.parc_posteriors, prep, fill_background=True)
@@ -159,36 +215,30 @@ class Runner:
             image=prep.resampled if prep.resampled is not None and not keepgeom else scan.data,
             volumes=format_volumes(volumes),
             qc_scores=format_qc(net.qc_scores) if net.qc_scores is not None else None)
-        lap("geometry")
-
+        laps("geometry")
+        messages = list(loaded.messages)
         if not np.any(seg):
-            self.say(f"WARNING: {job.image}: the segmentation is empty (no structure found); is "
-                     f"this a brain scan, with the whole head in the field of view?", err=True)
+            messages.append((f"WARNING: {job.image}: the segmentation is empty (no structure "
+                             f"found); is this a brain scan, with the whole head in the field of "
+                             f"view?", True))
         record = None
         if self.plan.run_files:   # before writing: a failure here leaves no output
             record = scan_record(job.image, result, self.columns["vol"], self.columns["qc"])
-            lap("report")
+            laps("report")
         interrupts.check()   # Ctrl-C during the scan: write nothing
-        notes, rows = self._write(job, result)
-        lap("write")
+        messages += [(f"{job.image}: {note}", False) for note in self._write(job, result)]
+        laps("write")
         if record is not None:
             self.records.append(record)
-        for key, row in rows.items():
-            self.batch_tables[key].add(row)
-        for note in notes:
-            self.say(f"{job.image}: {note}")
-        timing = dict(stages, **net.seconds)
-        timing["total"] = time.perf_counter() - start
-        self.timings.append(timing)
-        log.info("%s: %s", os.path.basename(job.image),
-                 ", ".join(f"{k} {v:.1f} s" for k, v in timing.items() if k != "compile" or v > 0.5))
-        return time.perf_counter() - start
+        timing = dict(laps.stages, **net.seconds)
+        timing["total"] = sum(timing.values())
+        return Stored(messages=messages, timing=timing)
 
-    def _write(self, job: Job, result: ScanResult) -> tuple[list[str], dict[str, list[str]]]:
-        """Every output of one scan, committed together. Returns the notes for what had nothing to
-        write and the rows the batch tables gain once committed."""
+    def _write(self, job: Job, result: ScanResult) -> list[str]:
+        """Every file of one scan, committed together, then its rows in the shared tables (a scan
+        killed in between lacks its rows and is segmented again). Returns the notes for what had
+        nothing to write."""
         notes: list[str] = []
-        rows: dict[str, list[str]] = {}
         with AtomicWriter() as writer:
             for key, path in job.paths.items():
                 kind = OUTPUT_KINDS[key]
@@ -204,13 +254,12 @@ class Runner:
                     writer.text(single_scan_csv(self.columns[key], [result.subject] + row), path)
             for path, text in job.sidecars.items():
                 writer.text(text, path)
-            for key, table in self.batch_tables.items():
-                row = OUTPUT_KINDS[key].row(result)
-                if row is not None:
-                    rows[key] = [result.subject] + row
-                    writer.text(table.pending(rows[key]), table.path)
             writer.commit()
-        return notes, rows
+        for key, table in self.batch_tables.items():
+            row = OUTPUT_KINDS[key].row(result)
+            if row is not None:
+                table.add([result.subject] + row)
+        return notes
 
     def _embedded_ctab(self, key: str, path: str) -> bytes:
         """With ``addctab``, the tag that embeds the colour table in an ``.mgz`` segmentation."""
@@ -225,13 +274,17 @@ class Runner:
             return None
         return strip_image_extension(path) + ".ctab"
 
+    # The batch ------------------------------------------------------------------------------
     def run(self) -> Summary:
         from tqdm import tqdm
 
-        jobs = self.plan.jobs
         for note in self.plan.notes:
             self.say(note)
-        summary = Summary(done=[], failed=[], seconds=[], errors=list(self.plan.errors))
+        if self.opts.shard:
+            self.say(f"shard {self.opts.shard}: {len(self.jobs)} of {len(self.plan.jobs)} scan(s)")
+        todo, skipped = self.pending()
+        summary = Summary(done=[], failed=[], skipped=[job.image for job in skipped],
+                          errors=list(self.plan.errors))
         for error in summary.errors:   # e.g. an unknown participant label: the rest go on
             self.say(f"ERROR {error}", err=True)
         if self.plan.files:
@@ -239,23 +292,36 @@ class Runner:
                 for path, text in self.plan.files.items():
                     writer.text(text, path)
                 writer.commit()
-        bar = tqdm(jobs, desc="predicting", unit="scan", file=self.stderr,
-                   disable=not self.opts.progress or None, dynamic_ncols=True)
-        for job in bar:
-            try:
-                with interrupts.deferred():
-                    summary.seconds.append(self.segment(job))
+        bar = tqdm(total=len(self.jobs), initial=len(skipped), desc="predicting", unit="scan",
+                   file=self.stderr, disable=not self.opts.progress or None, dynamic_ncols=True)
+        bar.set_postfix_str(self._counts(summary), refresh=False)
+
+        def finished(job: Job, outcome) -> None:
+            if isinstance(outcome, Stored):
+                for line, err in outcome.messages:
+                    self.say(line, err=err)
+                self.timings.append(outcome.timing)
+                log.info("%s: %s", os.path.basename(job.image), ", ".join(
+                    f"{k} {v:.1f} s" for k, v in outcome.timing.items() if k != "compile" or v > 0.5))
                 summary.done.append(job.image)
-            except KeyboardInterrupt:
-                raise
-            except Exception as err:  # one line per failing scan, the batch goes on
-                message = _one_line(err)
+            else:   # one line per failing scan, the batch goes on
+                message = _one_line(outcome)
                 if job.image not in message:
                     message = f"{job.image}: {message}"
                 summary.failed.append((job.image, message))
                 self.say(f"ERROR {message}", err=True)
-                log.debug("scan failed", exc_info=True)
-        bar.close()
+                log.debug("scan failed", exc_info=outcome)
+            bar.set_postfix_str(self._counts(summary), refresh=False)
+            bar.update()
+
+        start = time.perf_counter()
+        try:
+            with interrupts.deferred():   # Ctrl-C: stop at the next safe point (interrupts.py)
+                run_stages(todo, self.load, self.infer, self.store, finished,
+                           overlap=self.opts.overlap)
+        finally:
+            bar.close()
+        summary.seconds = time.perf_counter() - start
         self._write_report(summary)
         self.report(summary)
         return summary
@@ -264,22 +330,27 @@ class Runner:
         path = self.plan.run_files.get("report")
         if path is None:
             return
-        about = {"input": os.path.abspath(self.opts.i), "mode": self.mode.describe(),
-                 "program": f"synthseg-jax {package_version()}"}
+        about = {"input": os.path.abspath(self.opts.i or self.opts.bids),
+                 "mode": self.mode.describe(), "program": f"synthseg-jax {package_version()}"}
         try:
             write_report(path, self.records, summary.failed, about)
         except OSError as err:
             summary.run_errors.append(f"{path}: cannot write the report ({err})")
 
+    @staticmethod
+    def _counts(summary: Summary) -> str:
+        return (f"done {len(summary.done)}, failed {len(summary.failed)}, "
+                f"skipped {len(summary.skipped)}")
+
     def report(self, summary: Summary) -> None:
-        jobs = self.plan.jobs
+        """What was written and where, the failures, then one closing line."""
+        jobs = self.jobs
         if summary.done:
             seg = jobs[0].paths["o"]
-            where = seg if len(jobs) == 1 else os.path.dirname(seg)
+            where = seg if len(self.plan.jobs) == 1 else os.path.dirname(seg)
             if self.opts.bids:
                 where = os.path.abspath(self.opts.output("o"))
-            self.say(f"{len(summary.done)} of {len(jobs)} scan(s) segmented "
-                     f"({np.mean(summary.seconds):.1f} s per scan); segmentation(s) in {where}")
+            self.say(f"segmentation(s) in {where}")
             for key, path in self.plan.tables.items():
                 self.say(f"{OUTPUT_KINDS[key].what} in {path}")
         if summary.failed:
@@ -293,7 +364,11 @@ class Runner:
         if not summary.run_errors:
             for key, path in self.plan.run_files.items():
                 self.say(f"{OUTPUT_KINDS[key].what} in {path}")
-
+        rate = (f" in {summary.seconds:.1f} s ({summary.seconds / len(summary.done):.1f} s per scan)"
+                if summary.done else "")
+        part = f" of shard {self.opts.shard}" if self.opts.shard else ""
+        self.say(f"{len(summary.done)} of {len(jobs)} scan(s){part} segmented, {len(summary.failed)} "
+                 f"failed, {len(summary.skipped)} skipped (outputs already complete){rate}")
 
 
 def run(opts: PredictOptions | Mapping[str, Any], stdout: TextIO | None = None,

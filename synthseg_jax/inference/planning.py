@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from synthseg_jax.inference.csv_files import subject_name
 from synthseg_jax.inference.options import PredictOptions, UsageError
 from synthseg_jax.inference.outputs import OUTPUT_KINDS, OutputKind
 from synthseg_jax.package_data import default_models_dir, label_tables_dir
@@ -166,7 +167,18 @@ def _plan_lists(src: str, given: dict[str, str]) -> Plan:
 
 def check_outputs(plan: Plan) -> None:
     """Refuse, before any scan is read, an output that cannot be written, lacks its kind's
-    extension, is one of the run's inputs (it would overwrite the scan) or is given twice."""
+    extension, is one of the run's inputs (it would overwrite the scan) or is given twice, and a
+    shared table for scans it cannot tell apart (its rows are keyed by subject name)."""
+    if plan.tables:
+        first: dict[str, str] = {}
+        for job in plan.jobs:
+            name = subject_name(job.image)
+            if name in first:
+                key = next(iter(plan.tables))
+                raise UsageError(f"{job.image}: subject name {name!r} is also {first[name]}'s; one "
+                                 f"{key} table cannot tell their rows apart (rename one, or give "
+                                 f"{key} as a .txt list of per-scan CSVs)")
+            first[name] = job.image
     inputs = {os.path.realpath(job.image) for job in plan.jobs}
     seen: dict[str, str] = {}
     outputs = [(key, path) for job in plan.jobs for key, path in job.paths.items()]

@@ -50,6 +50,13 @@ def test_boolean_words(word, value):
     (dict(participant_label=["01"]), "participant_label needs bids=<BIDS dataset>"),
     (dict(bids="/ds", suffix=[]), "suffix: expected one or more BIDS suffixes"),
     (dict(suffix=[["T1w"]]), "suffix: expected a name or a list of names"),
+    (dict(shard="3/2"), "shard: '3/2': K must be between 0 and N-1 (parts 0/2 to 1/2)"),
+    (dict(shard="0/0"), "shard: '0/0': K must be between 0 and N-1"),
+    (dict(shard="a/b"), "shard: expected K/N (the K-th of N parts, K from 0 to N-1, e.g. 0/4), "
+                        "got 'a/b'"),
+    (dict(shard="-1/2"), "shard: expected K/N"),
+    (dict(shard=2), "shard: expected K/N"),
+    (dict(overwrite="sometimes"), "overwrite: expected true or false"),
 ])
 def test_bad_values_are_one_line(values, message):
     with pytest.raises(UsageError) as err:
@@ -63,6 +70,15 @@ def test_sizes_and_paths_are_normalised():
     assert opts.outputs == {"o": "2024"}   # an empty path is no output
     assert PredictOptions.create(crop=[96]).crop == (96, 96, 96)
     assert PredictOptions.create(threads="0").threads == 0   # all cores, as null (documented)
+
+
+def test_shard_spec():
+    shard = PredictOptions.create(shard=" 1 / 4").shard
+    assert (shard.index, shard.count, str(shard)) == (1, 4, "1/4")
+    assert shard.select(list(range(10))) == [1, 5, 9]
+    parts = [PredictOptions.create(shard=f"{k}/3").shard.select(list(range(10))) for k in range(3)]
+    assert sorted(sum(parts, [])) == list(range(10))        # disjoint, and all of them
+    assert PredictOptions.create().shard is None and PredictOptions.create().overwrite is False
 
 
 def test_every_output_kind_is_an_option_and_a_flag():
@@ -84,13 +100,18 @@ def test_bad_values_refused_by_the_real_commands(tmp_path, entry):
     if entry == "hydra":
         cmds = [[sys.executable, os.path.join(REPO, "predict.py"), f"i={src}", "o=o.nii.gz", bad]
                 for bad in ("fast=maybe", "threads=abc", "fats=true", "+fats=true", "threads=-1",
-                            "qc_crop_size=0", "channels=median", "model_file=m.pt")]
+                            "qc_crop_size=0", "channels=median", "model_file=m.pt",
+                            "shard=3/2", "shard=a/b")]
+        # a sweep's bad shard is refused before any job starts, in one line
+        cmds.append([sys.executable, os.path.join(REPO, "predict.py"), "-m", f"i={src}",
+                     "o=o.nii.gz", "shard=0/2,2/2"])
     else:
         mri = os.path.join(os.path.dirname(sys.executable), "mri_synthseg_jax")
         cmds = [[mri, "--i", src, "--o", "o.nii.gz", *bad]
                 for bad in (["--threads", "abc"], ["--crop", "abc"], ["--device", "quantum"],
                             ["--threads", "-1"], ["--robust", "--v1"],
-                            ["--autocrop", "--crop", "96"], ["--model", "m.h5", "--robust"])]
+                            ["--autocrop", "--crop", "96"], ["--model", "m.h5", "--robust"],
+                            ["--shard", "3/2"], ["--shard", "a/b"])]
     for cmd in cmds:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert proc.returncode == 1, (cmd, proc.stderr)

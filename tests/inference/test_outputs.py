@@ -4,7 +4,6 @@ import io
 import numpy as np
 
 from synthseg_jax.inference.csv_files import (
-    CsvTable,
     format_qc,
     format_volumes,
     qc_columns,
@@ -13,6 +12,7 @@ from synthseg_jax.inference.csv_files import (
     volume_columns,
 )
 from synthseg_jax.inference.overlay import colourise, overlay_png
+from synthseg_jax.inference.shared_table import SharedTable
 
 # Structures in increasing label order, as labels_table.txt lists them (0 left out; the .npy
 # names file spells CSF in lower case).
@@ -63,10 +63,11 @@ def test_row_formats():
 
 
 def test_csv_text_layout(tmp_path):
-    table = CsvTable(str(tmp_path / "vols.csv"), ["a", "b"])
-    assert table.pending(["s1", "1.0", "2.5"]) == "subject,a,b\r\ns1,1.0,2.5\r\n"
+    table = SharedTable(str(tmp_path / "vols.csv"), ["a", "b"], ["s1", "s2"])
     table.add(["s1", "1.0", "2.5"])
-    assert table.pending(["s2", "3", "4"]) == "subject,a,b\r\ns1,1.0,2.5\r\ns2,3,4\r\n"
+    assert (tmp_path / "vols.csv").read_bytes() == b"subject,a,b\r\ns1,1.0,2.5\r\n"
+    table.add(["s2", "3", "4"])
+    assert (tmp_path / "vols.csv").read_bytes() == b"subject,a,b\r\ns1,1.0,2.5\r\ns2,3,4\r\n"
     text = single_scan_csv(["a", "b"], ["s1", "1.0", "2.5"])
     assert list(csv.reader(io.StringIO(text))) == [["", "a", "b"], ["s1", "1.0", "2.5"]]
 

@@ -55,7 +55,8 @@ def test_single_scan_all_outputs(tmp_path, models_dir, labels_dir, tables, caplo
     assert code == 0, stderr
     assert runner.mode.describe() == "SynthSeg 2.0 + parcellation + QC"
     assert sum("compiling" in r.message for r in caplog.records) == 1
-    assert sorted(os.listdir(out)) == ["post", "qc.csv", "seg.nii.gz", "sub-01_overlay.png", "vols.csv"]
+    assert sorted(os.listdir(out)) == [".qc.csv.lock", ".vols.csv.lock",   # the shared tables' locks
+                                       "post", "qc.csv", "seg.nii.gz", "sub-01_overlay.png", "vols.csv"]
     seg = nib.load(out / "seg.nii.gz")
     assert seg.get_data_dtype() == np.int32 and seg.shape == (28, 32, 30)
     np.testing.assert_allclose(seg.affine, lia)
