@@ -37,7 +37,7 @@ from synthseg_jax.package_data import package_version
 SEGMENTATION_ENTITY = "seg-synthseg"
 GROUP_TABLES = {"vol": "synthseg_volumes.csv", "qc": "synthseg_qc.csv"}
 SCAN_TABLES = {"vol": "volumes.csv", "qc": "qc.csv"}
-BIDS_IGNORE = "*_volumes.csv\n*_qc.csv\nsynthseg_*.csv\n"
+BIDS_IGNORE = "*_volumes.csv\n*_qc.csv\nsynthseg_*.csv\n.*.csv.lock\n"   # the group tables' locks (shared_table.py)
 BIDS_VERSION = "1.10.0"
 NOT_IN_BIDS_MODE = ("post", "resample", "overlay")
 # Options that say where things are, not how a scan was segmented: left out of the sidecars.
