@@ -7,7 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from synthseg_jax.inference.network import at_voxel_size, upsample_linear
+from synthseg_jax.inference.network import (
+    Mode,
+    Predictor,
+    at_voxel_size,
+    gaussian_blur,
+    load_networks,
+    upsample_linear,
+)
 from synthseg_jax.inference.options import PredictOptions
 from synthseg_jax.inference.pipeline import run
 from synthseg_jax.labels import LabelTables
@@ -97,3 +104,27 @@ def test_published_architecture_without_record_is_1mm(tmp_path, labels_dir):
     save_keras_h5(jax.tree_util.tree_map(lambda s: np.zeros(s.shape, np.float32), shapes),
                   str(tmp_path / "synthseg_2.0.h5"))
     assert ModelsDir(str(tmp_path), labels_dir=labels_dir).voxel_size("2.0") == 1.0
+
+
+def test_coarse_model_flip_average_equals_the_1mm_definition(tmp_path, tiny_nets, labels_dir):
+    """With a 2 mm model the flip pass is flipped back (and its left/right channels swapped) as
+    logits at 2 mm; the result must be the 1 mm definition: the blurred mean of the softmax of
+    each pass's upsampled logits, the second flipped back at 1 mm."""
+    save_keras_h5(tiny_nets["2.0"][2], str(tmp_path / "synthseg_2.0.h5"), voxel_size=2.0)
+    mode = Mode()
+    nets = load_networks(str(tmp_path), mode, labels_dir)
+    predictor = Predictor(nets, mode)
+    image = jnp.asarray(np.random.default_rng(3).uniform(size=(32, 32, 32)), jnp.float32)
+    out = jax.jit(predictor._forward)(predictor._variables, image)
+
+    def posteriors(x):
+        logits = at_voxel_size(lambda z: nets.segmenter.apply(predictor._variables["seg"], z),
+                               x, 2.0)
+        return jax.nn.softmax(logits, axis=-1)
+
+    x = image[None, ..., None]
+    back = jnp.take(jnp.flip(posteriors(jnp.flip(x, axis=1)), axis=1),
+                    jnp.asarray(nets.tables.flip), axis=-1)
+    expected = gaussian_blur(0.5 * (posteriors(x) + back))[0]
+    assert not np.allclose(np.asarray(back), np.asarray(posteriors(x)), atol=1e-3)
+    np.testing.assert_allclose(np.asarray(out["seg"]), np.asarray(expected), atol=2e-6)
