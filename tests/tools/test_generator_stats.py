@@ -1,5 +1,7 @@
 """The generator parity statistics (tools/parity/generator_stats.py) detect the changes they are
-meant to catch, on synthetic volumes whose answer is known."""
+meant to catch, on synthetic volumes whose answer is known; and the harness's seeding, reuse
+check and table note (run_generator_parity.py, generator_settings.py), without TensorFlow."""
+import json
 import math
 import os
 import sys
@@ -166,3 +168,114 @@ def test_bonferroni_correction_over_the_tested_statistics():
         o.update({f'same{j}': r['a'] for j in range(9)})
     among = {r['stat']: r for r in gs.compare(ref, ours)}['a']
     assert among['p_bonferroni'] == pytest.approx(10 * among['p']) and not among['separates']
+
+
+# --------------------------------------------------------------------------- background statistic
+
+EXTRA = 507          # an extra-cerebral generation label that the output tables map to target 0
+
+
+def with_extra_cerebral(t: np.ndarray) -> np.ndarray:
+    """Generation labels of the phantom: a shell of EXTRA around the head inside target 0."""
+    g = t.copy()
+    shell = np.zeros(SHAPE, bool)
+    shell[3:45, 3:45, 3:45] = True
+    g[shell & (t == 0)] = EXTRA
+    return g
+
+
+def test_target_from_generation_is_the_table_lookup():
+    g = with_extra_cerebral(phantom())
+    gl = np.unique(g)
+    out = np.where(gl == EXTRA, 0, gl)
+    np.testing.assert_array_equal(gs.target_from_generation(g, gl, out), phantom())
+    with pytest.raises(ValueError, match='not generation labels'):
+        gs.target_from_generation(g, gl[gl != EXTRA], out[gl != EXTRA])
+    with pytest.raises(ValueError, match='same length'):
+        gs.target_from_generation(g, gl, out[:-1])
+
+
+def test_background_statistic_sees_only_generation_label_0():
+    """Target 0 mixes the true background (0.05) with a bright extra-cerebral class (0.9): the
+    background statistic is over generation label 0 only, and target 0 gets no statistic."""
+    t = phantom()
+    g = with_extra_cerebral(t)
+    img = render(g, np.random.default_rng(6), {**MEANS, EXTRA: 0.9}, std=0.01, blur=(0.01,) * 3)
+    s = gs.sample_statistics(img, t, gs.source_volumes_of(t), sorted(MEANS), generation=g)
+    assert s['median/background'] == pytest.approx(0.05, abs=0.01)
+    assert s['spread/background'] < 0.03
+    assert 'median/0' not in s and 'spread/0' not in s
+    assert 'median/background' not in gs.sample_statistics(img, t, gs.source_volumes_of(t), sorted(MEANS))
+    with pytest.raises(ValueError, match='generation'):
+        gs.sample_statistics(img, t, gs.source_volumes_of(t), [2], generation=g[:-1])
+
+
+# --------------------------------------------------------------------------- harness: seeds, table note
+
+import generator_settings  # noqa: E402
+import run_generator_parity as rgp  # noqa: E402
+
+
+def test_each_setting_draws_from_its_own_streams():
+    seeds = (0, 1, 2, 17, 999_999)
+    streams = [generator_settings.stream_seed(x, s) for x in generator_settings.SETTINGS for s in seeds]
+    assert len(set(streams)) == len(streams)
+    assert set(generator_settings.SEED_OFFSETS) == set(generator_settings.SETTINGS)
+    assert [generator_settings.stream_seed('2.0', s) for s in seeds] == list(seeds)
+    with pytest.raises(ValueError):
+        generator_settings.stream_seed('robust', generator_settings.SEED_STRIDE)
+    with pytest.raises(ValueError):
+        generator_settings.stream_seed('robust', -1)
+
+
+def test_reuse_needs_the_same_format_and_stream(tmp_path):
+    paths = [os.path.abspath('m.nii.gz')]
+
+    def write(**kw):
+        d = dict(shape=96, n_per_map=5, maps=paths, seed=0, format=generator_settings.SAMPLE_FORMAT,
+                 stream_seed=generator_settings.stream_seed('robust', 0))
+        d.update(kw)
+        (tmp_path / 'done.json').write_text(json.dumps(d))
+    write()
+    assert rgp.done_matches(str(tmp_path), 'robust', 96, 5, paths, 0)
+    assert not rgp.done_matches(str(tmp_path), 't1', 96, 5, paths, 0)        # another setting's stream
+    write(stream_seed=None)                                                   # drawn before the offsets
+    assert not rgp.done_matches(str(tmp_path), 'robust', 96, 5, paths, 0)
+    write(format=None)                                                        # no generation labels
+    assert not rgp.done_matches(str(tmp_path), 'robust', 96, 5, paths, 0)
+
+
+def test_ours_uses_the_setting_stream_and_saves_generation_labels(tmp_path, monkeypatch):
+    """run_ours, with the sampler replaced by a recorder: the key is the setting's stream seed's,
+    and the saved generation labels are the values of the sampler's label indices."""
+    import jax
+    import generator
+    seen = []
+    labels = np.arange(4 * 4 * 4).reshape(4, 4, 4) % 7
+
+    class Bank:
+        maps = [np.zeros((8, 8, 8), np.uint8)]
+
+    def fake(key, label_map, params):
+        seen.append(np.asarray(jax.random.key_data(key)).tolist())
+        return np.zeros((4, 4, 4, 1), np.float32), np.zeros((4, 4, 4), np.int32), dict(labels=labels, flipped=False)
+    monkeypatch.setattr(generator, 'load_label_maps', lambda path, gl: Bank)
+    monkeypatch.setattr(generator, 'sample_with_info', fake)
+    for setting in ('2.0', 'robust'):
+        rgp.run_ours(setting, ['m.nii.gz'], 4, 1, 0, str(tmp_path / setting))
+    with open(tmp_path / 'robust' / 'done.json') as f:
+        assert json.load(f)['stream_seed'] == generator_settings.stream_seed('robust', 0)
+    expected = [np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(
+        generator_settings.stream_seed(x, 0)), 0))).tolist() for x in ('2.0', 'robust')]
+    assert seen == expected and seen[0] != seen[1]
+    name, overrides = generator_settings.ours('robust')
+    gl = np.asarray(generator.build_params(generator.load_config(name, overrides)).generation_labels)
+    with np.load(tmp_path / 'robust' / 'sample_0_0.npz') as z:
+        np.testing.assert_array_equal(z['generation'], gl[labels])
+
+
+def test_printed_table_notes_that_geometry_statistics_are_correlated():
+    row = dict(n_ref=5, n_ours=5, median_ref=1.0, median_ours=1.0, test='ks', effect=0.1, p_bonferroni=1.0,
+               separates=False)
+    assert gs.GEOMETRY_NOTE in rgp.markdown('2.0', [dict(row, stat='centroid/caudate'), dict(row, stat='median/2')])
+    assert gs.GEOMETRY_NOTE not in rgp.markdown('2.0', [dict(row, stat='median/2')])

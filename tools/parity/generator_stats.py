@@ -5,7 +5,13 @@ numpy 1.23, ours in the project's environment), so it needs only numpy and scipy
 is one number per sample, chosen so that a wrong generator step moves its distribution:
 
 * ``median/<label>``, ``spread/<label>``: median and inter-quartile range of the image inside
-  each target label (GMM priors, clipping, normalisation, gamma);
+  each target label but 0 (GMM priors, clipping, normalisation, gamma);
+* ``median/background``, ``spread/background``: the same inside generation label 0 only (the
+  true background), from the crop's generation labels that both sides save (``generation``).
+  Target label 0 is not used: the output tables map 15 other generation labels (extra-cerebral
+  tissue 5xx, vessels 30/62, 72, 85) to 0 as well, so a median over target 0 followed the one
+  background-class draw diluted by those classes and was redundant with ``quantile/50``
+  (per-sample correlation 0.95 in the issue-16 runs);
 * ``contrast/wm_ctx``, ``contrast/ctx_csf``: difference of medians between neighbouring
   structures (white matter - cortex, cortex - CSF);
 * ``quantile/<q>``: quantiles of the whole image (the pooled histogram, sample by sample);
@@ -16,14 +22,15 @@ is one number per sample, chosen so that a wrong generator step moves its distri
   white matter (the low-frequency bias field; the GMM noise averages out);
 * ``volratio/<structure>``, ``centroid/<structure>``: target volume over the source map's
   (scaling, shearing, non-linear field, crop) and distance of the structure's centroid from the
-  crop centre (rotation, crop position);
+  crop centre (rotation, crop position). One geometric draw per sample moves all of them, so
+  they are correlated across structures (``GEOMETRY_NOTE``): their tests are not independent;
 * ``labels/n``: number of distinct target labels; ``flip/swapped``: 1 when the left/right
   asymmetries of small structures in the target are those of the source mirrored.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Mapping, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage, stats
@@ -43,22 +50,50 @@ ASYMMETRY = ('lateral_ventricle', 'thalamus', 'caudate', 'putamen', 'pallidum', 
 QUANTILES = (5, 25, 50, 75, 95)
 BIAS_SIGMA = 6.0          # voxels: far above the blur and noise scale, below the bias field's ~40
 MIN_VOXELS = 20           # fewer voxels of a label in a sample: its statistics are NaN
+BACKGROUND = 0            # generation label of the true background
+GEOMETRY_PREFIXES = ('volratio/', 'centroid/')
+GEOMETRY_NOTE = ('volratio/* and centroid/* come from one geometric draw per sample (deformation, '
+                 'crop): they are correlated across structures, not independent tests.')
 
 
 def _masked(image: np.ndarray, target: np.ndarray, values: Sequence[int]) -> np.ndarray:
     return image[np.isin(target, values)]
 
 
-def intensity_stats(image: np.ndarray, target: np.ndarray, labels: Sequence[int]) -> Dict[str, float]:
-    """Per-label median and IQR, neighbour contrasts, whole-image quantiles."""
+def target_from_generation(generation: np.ndarray, generation_labels: Sequence[int],
+                           output_labels: Sequence[int]) -> np.ndarray:
+    """The target of generation labels: ``generation_labels[i]`` becomes ``output_labels[i]``
+    (what the original's ``ConvertLabels`` does with the table)."""
+    gl, ol = np.asarray(generation_labels, np.int64), np.asarray(output_labels, np.int64)
+    if gl.shape != ol.shape or gl.ndim != 1:
+        raise ValueError(f"generation labels {gl.shape} and output labels {ol.shape} must be 1-D, same length")
+    generation = np.asarray(generation).astype(np.int64)
+    lut = np.full(max(int(gl.max()), int(generation.max(initial=0))) + 1, -1, np.int64)
+    lut[gl] = ol
+    out = lut[generation]
+    if generation.min(initial=0) < 0 or (out < 0).any():
+        bad = np.unique(generation[(generation < 0) | (out < 0)])
+        raise ValueError(f"label values {bad[:10].tolist()} are not generation labels")
+    return out
+
+
+def _median_spread(v: np.ndarray) -> Tuple[float, float]:
+    if v.size < MIN_VOXELS:
+        return math.nan, math.nan
+    q25, q50, q75 = np.percentile(v, [25, 50, 75])
+    return float(q50), float(q75 - q25)
+
+
+def intensity_stats(image: np.ndarray, target: np.ndarray, labels: Sequence[int],
+                    generation: Optional[np.ndarray] = None) -> Dict[str, float]:
+    """Per-label median and IQR (target labels but 0; the background from ``generation``, the
+    crop's generation labels, when given), neighbour contrasts, whole-image quantiles."""
     out: Dict[str, float] = {}
     for lab in labels:
-        v = image[target == lab]
-        if v.size >= MIN_VOXELS:
-            q25, q50, q75 = np.percentile(v, [25, 50, 75])
-            out[f'median/{lab}'], out[f'spread/{lab}'] = float(q50), float(q75 - q25)
-        else:
-            out[f'median/{lab}'] = out[f'spread/{lab}'] = math.nan
+        if lab != 0:
+            out[f'median/{lab}'], out[f'spread/{lab}'] = _median_spread(image[target == lab])
+    if generation is not None:
+        out['median/background'], out['spread/background'] = _median_spread(image[generation == BACKGROUND])
 
     def med(values):
         v = _masked(image, target, values)
@@ -147,14 +182,17 @@ def source_volumes_of(source_target: np.ndarray) -> np.ndarray:
 
 
 def sample_statistics(image: np.ndarray, target: np.ndarray, source_volumes: np.ndarray,
-                      labels: Sequence[int]) -> Dict[str, float]:
+                      labels: Sequence[int], generation: Optional[np.ndarray] = None) -> Dict[str, float]:
     """All statistics of one sample. ``image`` 3-D float in [0, 1]; ``target`` 3-D label values;
-    ``source_volumes`` from :func:`source_volumes_of`; ``labels``: the target labels to report."""
+    ``source_volumes`` from :func:`source_volumes_of`; ``labels``: the target labels to report;
+    ``generation``: the generation labels of the crop (3-D; without it, no background statistic)."""
     image = np.asarray(image, np.float32)
     target = np.asarray(target).astype(np.int64)
     if image.shape != target.shape or image.ndim != 3:
         raise ValueError(f"image {image.shape} and target {target.shape} must be the same 3-D shape")
-    out = intensity_stats(image, target, labels)
+    if generation is not None and np.shape(generation) != target.shape:
+        raise ValueError(f"generation {np.shape(generation)} and target {target.shape} must be the same 3-D shape")
+    out = intensity_stats(image, target, labels, None if generation is None else np.asarray(generation))
     out.update(high_frequency_stats(image))
     out.update(bias_stats(image, target))
     out.update(geometry_stats(target, source_volumes))

@@ -12,9 +12,19 @@ For each label map, ``--n-per-map`` samples of ``BrainGenerator.generate_brain()
 that the map is fixed instead of drawn at random (the only run-time shim; see the README).
 Outputs are brought back from the map's own orientation to RAS (as the generator works inside),
 with the original's ``align_volume_to_ref``, and written to ``DIR/sample_<map>_<k>.npz``
-(``image`` float32, ``target`` int16; the statistics are computed from these files, the same
-way for both sides, by ``run_generator_parity.py``), then ``DIR/done.json`` (seconds per
-sample, settings).
+(``image`` float32, ``target`` int16, ``generation`` int16: the generation labels of the crop;
+the statistics are computed from these files, the same way for both sides, by
+``run_generator_parity.py``), then ``DIR/done.json`` (seconds per sample, settings, seeds).
+
+The generation labels: ``BrainGenerator`` is built without ``output_labels`` (so its final
+``ConvertLabels`` maps the generation labels to themselves: it returns the deformed, cropped,
+flipped generation labels), and ``target`` is their lookup in ``--output-labels``
+(``generator_stats.target_from_generation``), which is what that ``ConvertLabels`` does with
+the table (``labels[labels == generation_labels[i]] = output_labels[i]``; nothing else of the
+model depends on ``output_labels``, and it draws nothing).
+
+Seeds: ``--seed`` is the base seed; numpy and TensorFlow are seeded with
+``generator_settings.stream_seed(setting, seed)``, as our side is (distinct streams per setting).
 """
 from __future__ import annotations
 
@@ -64,21 +74,24 @@ def main(argv=None) -> int:
     sys.path[:0] = [os.path.abspath(a.synthseg), HERE]
     import numpy as np
     import tensorflow as tf
+    import generator_settings
+    import generator_stats
     tf.config.threading.set_intra_op_parallelism_threads(a.threads)
     tf.config.threading.set_inter_op_parallelism_threads(a.threads)
-    np.random.seed(a.seed)
-    tf.random.set_seed(a.seed)
+    stream_seed = generator_settings.stream_seed(a.setting, a.seed)
+    np.random.seed(stream_seed)
+    tf.random.set_seed(stream_seed)
     from SynthSeg.brain_generator import BrainGenerator
     from ext.lab2im import edit_volumes, utils
     shim_sample_resolution()
-    import generator_settings
 
     kw = generator_settings.original_kwargs(a.setting)
     for k in generator_settings.FILE_ARGS:
         if isinstance(kw.get(k), str):
             kw[k] = os.path.join(a.priors, kw[k])
     out_labels = np.load(a.output_labels)
-    gen = BrainGenerator(labels_dir=a.maps[0], output_labels=out_labels, output_shape=a.shape, **kw)
+    # no output_labels: the model returns generation labels; target = their lookup (docstring)
+    gen = BrainGenerator(labels_dir=a.maps[0], output_shape=a.shape, **kw)
     os.makedirs(a.out, exist_ok=True)
     seconds = []
     for i, path in enumerate(a.maps):
@@ -89,16 +102,18 @@ def main(argv=None) -> int:
         aff = utils.get_volume_info(path, aff_ref=np.eye(4))[1]
         for k in range(a.n_per_map):
             t0 = time.time()
-            image, target = gen.generate_brain()
+            image, generation = gen.generate_brain()
             image = edit_volumes.align_volume_to_ref(image, aff, aff_ref=np.eye(4), n_dims=3)
-            target = edit_volumes.align_volume_to_ref(target, aff, aff_ref=np.eye(4), n_dims=3)
+            generation = edit_volumes.align_volume_to_ref(generation, aff, aff_ref=np.eye(4), n_dims=3)
+            target = generator_stats.target_from_generation(generation, gen.generation_labels, out_labels)
             seconds.append(time.time() - t0)
             np.savez_compressed(os.path.join(a.out, f'sample_{i}_{k}.npz'), image=image.astype(np.float32),
-                                target=target.astype(np.int16))
+                                target=target.astype(np.int16), generation=generation.astype(np.int16))
             print(f"[original {a.setting}] map {i} sample {k}: {seconds[-1]:.1f} s", flush=True)
     with open(os.path.join(a.out, 'done.json'), 'w') as f:
         json.dump(dict(seconds=seconds, setting=a.setting, shape=a.shape, n_per_map=a.n_per_map,
-                       maps=a.maps, seed=a.seed), f)
+                       maps=a.maps, seed=a.seed, stream_seed=stream_seed,
+                       format=generator_settings.SAMPLE_FORMAT), f)
     return 0
 
 

@@ -9,14 +9,17 @@ the same settings (``generator_settings.py``).
 
 The original side runs ``original_generator.py`` in the TensorFlow environment (a subprocess,
 ``nice``d); ours runs here. Both write ``WORK/<shape>/<setting>/{original,ours}/seed<s>/sample_<map>_<k>.npz``
-(RAS image and target) and ``done.json`` (seconds per sample); the statistics are computed here
+(RAS image, target and the crop's generation labels) and ``done.json`` (seconds per sample,
+seeds, file format); the statistics are computed here
 from those files, the same way for both, then ``comparison.json``, and a markdown table of every
 statistic with its test, effect (KS distance, or difference of proportions) and
 Bonferroni-corrected p-value; then ``generator parity: N passed, M failed`` over settings x
 statistics. Exit code 1 if any statistic separates at the corrected 1 %. ``--reuse`` keeps a
 side's finished samples of the same shape, count, maps and seed (e.g. to re-run only ours after
 a fix, or to change a statistic without sampling again). ``--seeds 0,1`` pools independent runs
-(e.g. run by hand at the same time with ``--only original --seeds 1``).
+(e.g. run by hand at the same time with ``--only original --seeds 1``). Base seed ``s`` of setting
+``x`` draws from ``generator_settings.stream_seed(x, s)`` (``s`` plus a fixed per-setting offset)
+on both sides, so settings are independent of each other; folders are named by the base seed.
 """
 from __future__ import annotations
 
@@ -38,40 +41,47 @@ import generator_settings  # noqa: E402
 import generator_stats as gs  # noqa: E402
 
 
-def done_matches(folder: str, shape: int, n_per_map: int, paths: List[str], seed: int) -> bool:
-    """A finished run of the same shape, sample count, maps and seed is in ``folder``."""
+def done_matches(folder: str, setting: str, shape: int, n_per_map: int, paths: List[str], seed: int) -> bool:
+    """A finished run of the same file format, shape, sample count, maps and seeds is in ``folder``."""
     try:
         with open(os.path.join(folder, 'done.json')) as f:
             d = json.load(f)
     except (OSError, ValueError):
         return False
-    return (d.get('shape'), d.get('n_per_map'), [os.path.abspath(p) for p in d.get('maps', [])], d.get('seed')) \
-        == (shape, n_per_map, paths, seed)
+    return (d.get('format'), d.get('shape'), d.get('n_per_map'), [os.path.abspath(p) for p in d.get('maps', [])],
+            d.get('seed'), d.get('stream_seed')) \
+        == (generator_settings.SAMPLE_FORMAT, shape, n_per_map, paths, seed,
+            generator_settings.stream_seed(setting, seed))
 
 
 def run_ours(setting: str, paths: List[str], shape: int, n_per_map: int, seed: int, folder: str) -> None:
-    """Our samples, written like the original's (``sample_<map>_<k>.npz``, ``done.json``), plus
-    the drawn flip (to check the swap statistic against the truth)."""
+    """Our samples, written like the original's (``sample_<map>_<k>.npz``: image, target,
+    generation labels of the crop; ``done.json``), plus the drawn flip (to check the swap
+    statistic against the truth). ``seed`` is the base seed (see ``stream_seed``)."""
     import jax
     from generator import build_params, load_config, load_label_maps, sample_with_info
     name, overrides = generator_settings.ours(setting)
     params = build_params(load_config(name, overrides + [f'output_shape=[{shape},{shape},{shape}]']))
     os.makedirs(folder, exist_ok=True)
     seconds = []
-    key = jax.random.key(seed)
+    stream_seed = generator_settings.stream_seed(setting, seed)
+    key = jax.random.key(stream_seed)
+    generation_labels = np.asarray(params.generation_labels, np.int64)
     for i, path in enumerate(paths):
         label_map = load_label_maps(path, params.generation_labels).maps[0]
         for k in range(n_per_map):
             t0 = time.time()
             image, target, info = sample_with_info(jax.random.fold_in(key, i * 100000 + k), label_map, params)
             image, target = np.asarray(image[..., 0]), np.asarray(target)
+            generation = generation_labels[np.asarray(info['labels'])]     # indices -> label values
             seconds.append(time.time() - t0)
             np.savez_compressed(os.path.join(folder, f'sample_{i}_{k}.npz'), image=image.astype(np.float32),
-                                target=target.astype(np.int16), flipped=bool(info.get('flipped', False)))
+                                target=target.astype(np.int16), generation=generation.astype(np.int16),
+                                flipped=bool(info.get('flipped', False)))
             print(f"[ours {setting}] map {i} sample {k}: {seconds[-1]:.1f} s", flush=True)
     with open(os.path.join(folder, 'done.json'), 'w') as f:
         json.dump(dict(seconds=seconds, setting=setting, shape=shape, n_per_map=n_per_map, maps=paths,
-                       seed=seed), f)
+                       seed=seed, stream_seed=stream_seed, format=generator_settings.SAMPLE_FORMAT), f)
 
 
 def run_original(a, setting: str, paths: List[str], labels_npy: str, folder: str, seed: int) -> None:
@@ -89,8 +99,11 @@ def folder_statistics(folder: str, n_maps: int, n_per_map: int, source_volumes: 
     out = []
     for i in range(n_maps):
         for k in range(n_per_map):
-            with np.load(os.path.join(folder, f'sample_{i}_{k}.npz')) as z:
-                out.append(gs.sample_statistics(z['image'], z['target'], source_volumes[i], labels))
+            path = os.path.join(folder, f'sample_{i}_{k}.npz')
+            with np.load(path) as z:
+                if 'generation' not in z.files:
+                    raise ValueError(f"{path}: no generation labels (a run of an older format: draw it again)")
+                out.append(gs.sample_statistics(z['image'], z['target'], source_volumes[i], labels, z['generation']))
     return out
 
 
@@ -118,6 +131,8 @@ def markdown(setting: str, rows: List[dict]) -> str:
         mark = 'n/a' if r['test'] == 'n/a' else ('**separates**' if r['separates'] else 'ok')
         lines.append(f"| {r['stat']} | {r['n_ref']} / {r['n_ours']} | {r['median_ref']:.4g} | {r['median_ours']:.4g} "
                      f"| {r['test']} | {r['effect']:.3f} | {r['p_bonferroni']:.3g} | {mark} |")
+    if any(r['stat'].startswith(gs.GEOMETRY_PREFIXES) for r in rows):
+        lines += ['', f'Note: {gs.GEOMETRY_NOTE}']
     return '\n'.join(lines)
 
 
@@ -156,7 +171,8 @@ def main(argv=None) -> int:
     ap.add_argument('--priors', default=os.path.join(REPO, '..', 'shared', 'data', 'synthseg', 'labels_classes_priors'))
     ap.add_argument('--n-per-map', type=int, default=5)
     ap.add_argument('--shape', type=int, default=160)
-    ap.add_argument('--seeds', default='0', help='comma-separated; each seed is one run per side, pooled')
+    ap.add_argument('--seeds', default='0', help='comma-separated base seeds in [0, 1e6); each is one run per side, pooled; '
+                    'setting x draws from generator_settings.stream_seed(x, seed)')
     ap.add_argument('--work-dir', default=os.path.join(REPO, '.parity', 'generator'))
     ap.add_argument('--synthseg', default=os.path.join(REPO, '.parity', 'SynthSeg'))
     ap.add_argument('--tf-python', default=os.path.join(REPO, '.parity', 'venv', 'bin', 'python'))
@@ -173,6 +189,14 @@ def main(argv=None) -> int:
     missing = [p for p in paths if not os.path.exists(p)]
     if missing:
         print(f"{missing[0]}: no such label map", file=sys.stderr)
+        return 2
+    try:                        # every (setting, seed) has its own stream: check before drawing
+        streams = [generator_settings.stream_seed(x, int(v)) for x in a.settings.split(',') for v in a.seeds.split(',')]
+    except (KeyError, ValueError) as e:
+        print(f"--settings {a.settings} --seeds {a.seeds}: {e}", file=sys.stderr)
+        return 2
+    if len(set(streams)) != len(streams):
+        print(f"--settings {a.settings} --seeds {a.seeds}: a setting or seed is given twice", file=sys.stderr)
         return 2
     a.synthseg, a.priors = os.path.abspath(a.synthseg), os.path.abspath(a.priors)
     from generator import build_params, load_config, load_label_maps
@@ -194,7 +218,7 @@ def main(argv=None) -> int:
             t0 = time.time()
             for seed in seeds:
                 sub = os.path.join(folder, side, f'seed{seed}')
-                if a.reuse and done_matches(sub, a.shape, a.n_per_map, paths, seed):
+                if a.reuse and done_matches(sub, setting, a.shape, a.n_per_map, paths, seed):
                     print(f"[{side} {setting}] reusing {sub}")
                 elif side == 'original':
                     run_original(a, setting, paths, labels_npy, sub, seed)
