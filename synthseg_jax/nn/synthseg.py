@@ -82,10 +82,22 @@ def cascade(stages: tuple[UNetConfig, UNetConfig, UNetConfig], image: jax.Array,
             run: Callable[[UNetConfig, jax.Array], jax.Array]) -> jax.Array:
     """The robust cascade's wiring, ``run(config, input)`` giving each stage's logits (the
     module's U-Nets, or the same evaluated in slabs)."""
-    first, denoiser, second = stages
+    return cascade_last(stages, image, cascade_groups(stages, image, run), run)
+
+
+def cascade_groups(stages: tuple[UNetConfig, UNetConfig, UNetConfig], image: jax.Array,
+                   run: Callable[[UNetConfig, jax.Array], jax.Array]) -> jax.Array:
+    """The cascade's first two stages: the denoised one-hot groups its last stage takes."""
+    first, denoiser, _ = stages
     groups = one_hot_argmax(run(first, image))
-    denoised = one_hot_argmax(run(denoiser, groups))
-    return run(second, jnp.concatenate([image, denoised], axis=-1))
+    return one_hot_argmax(run(denoiser, groups))
+
+
+def cascade_last(stages: tuple[UNetConfig, UNetConfig, UNetConfig], image: jax.Array,
+                 denoised: jax.Array, run: Callable[[UNetConfig, jax.Array], jax.Array]
+                 ) -> jax.Array:
+    """The cascade's last stage: logits from the image and the denoised groups."""
+    return run(stages[2], jnp.concatenate([image, denoised], axis=-1))
 
 
 class QCRegressor(nn.Module):
