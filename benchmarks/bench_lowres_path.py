@@ -87,24 +87,24 @@ def main() -> None:
 
     pooled = pool(x)
     both = jnp.concatenate([pooled, jnp.flip(pooled, axis=1)])
-    steps = []
-    t, logits = timed(net, pooled, repeats=args.repeats)
-    steps.append(("network at 2 mm, one pass", t))
-    t, both_logits = timed(net, both, repeats=args.repeats)
-    steps.append(("network at 2 mm, both passes as a batch of 2", t))
-    t, logits_1mm = timed(upsample, logits, repeats=args.repeats)
-    steps.append(("logits upsampled to 1 mm (33 channels), one pass", t))
-    t, post = timed(softmax, logits_1mm, repeats=args.repeats)
-    steps.append(("softmax at 1 mm, one pass", t))
-    t, _ = timed(flip_back, post, repeats=args.repeats)
-    steps.append(("flip back + left/right channel swap at 1 mm", t))
-    t, _ = timed(gaussian_blur, post, repeats=args.repeats)
-    steps.append(("posterior blur at 1 mm", t))
-    t, _ = timed(lambda p: cleanup_masks(p[0], predictor._groups, False), post,
-                 repeats=args.repeats)
-    steps.append(("clean-up masks at 1 mm", t))
-    t_today, today = timed(predictor._forward, variables, image, repeats=args.repeats)
-    steps.append(("whole forward today (Predictor._forward)", t_today))
+    steps, results = [], {}
+
+    def step(name: str, key: str, fn: Callable, *fn_args: Any) -> None:
+        seconds, results[key] = timed(fn, *fn_args, repeats=args.repeats)
+        steps.append((name, seconds))
+
+    step("network at 2 mm, one pass", "logits", net, pooled)
+    step("network at 2 mm, both passes as a batch of 2", "both", net, both)
+    step("logits upsampled to 1 mm (33 channels), one pass", "logits_1mm", upsample,
+         results["logits"])
+    step("softmax at 1 mm, one pass", "post", softmax, results["logits_1mm"])
+    post = results["post"]
+    step("flip back + left/right channel swap at 1 mm", "_", flip_back, post)
+    step("posterior blur at 1 mm", "_", gaussian_blur, post)
+    step("clean-up masks at 1 mm", "_", lambda p: cleanup_masks(p[0], predictor._groups, False),
+         post)
+    step("whole forward today (Predictor._forward)", "today", predictor._forward, variables, image)
+    both_logits, today = results["both"], results["today"]
 
     la, lb = both_logits[:1], flip_back(both_logits[1:])
     variants = {
