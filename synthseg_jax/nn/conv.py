@@ -37,9 +37,10 @@ Mixed precision (``conv_dtype='bfloat16'``): the convolution's inputs (activatio
 are cast to bfloat16, oneDNN accumulates in float32 and returns float32, so the bias, activation,
 BatchNorm, softmax and loss stay float32 and the weights are float32 masters; the backward pass
 casts the output gradient to bfloat16 for its two products, which again return float32. On CPUs
-without native bfloat16 (no ``avx512_bf16``/``amx_bf16`` in ``/proc/cpuinfo``) oneDNN would
-emulate it slower than float32, so :func:`effective_conv_dtype` falls back to float32 with one
-log line.
+without native bfloat16 (no ``avx512_bf16``/``amx_bf16`` in ``/proc/cpuinfo``) jaxlib's oneDNN
+has no bf16 convolution (on an AVX2-only AMD EPYC: no primitive descriptor, or an illegal
+instruction that kills the process) and XLA's would be emulated, slower than float32, so
+:func:`effective_conv_dtype` falls back to float32 with one log line.
 
 Parameters are those of ``flax.linen.Conv`` (``kernel`` (k, k, k, in, out), Glorot-uniform;
 ``bias`` (out,), zeros), so Keras ``.h5`` import/export and orbax checkpoints are unchanged.
