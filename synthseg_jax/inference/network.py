@@ -54,7 +54,6 @@ from synthseg_jax.nn.slabs import (
 from synthseg_jax.nn.synthseg import (
     QC_CROP_SIZE,
     RobustCascade,
-    cascade,
     cascade_groups,
     cascade_last,
     crop_around_labels,
@@ -359,16 +358,11 @@ def run_unet(cfg: UNetConfig, variables: dict[str, Any], x: jax.Array, slabs: Sl
 def network_posteriors(module: nn.Module, variables: dict[str, Any], x: jax.Array,
                        slabs: SlabBudget, denoised: jax.Array | None = None) -> jax.Array:
     """A segmenter's (``Segmenter`` or ``RobustCascade``) softmax, its U-Nets in slabs where large;
-    for the cascade, ``denoised`` (``robust_groups``) starts it at its last stage."""
+    the cascade runs its last stage here, on ``denoised`` (``robust_groups``' program)."""
     softmax = lambda logits: jax.nn.softmax(logits, axis=-1)  # noqa: E731
     if isinstance(module, RobustCascade):
-        stages = module.stage_configs()
-        run = lambda cfg, z: run_unet(  # noqa: E731
-            cfg, unet_variables(variables, cfg.prefix), z, slabs,
-            softmax if cfg is stages[-1] else (lambda logits: logits))
-        if denoised is None:
-            return cascade(stages, x, run)
-        return cascade_last(stages, x, denoised, run)
+        return cascade_last(module.stage_configs(), x, denoised, lambda cfg, z: run_unet(
+            cfg, unet_variables(variables, cfg.prefix), z, slabs, softmax))
     cfg = module.config
     return run_unet(cfg, unet_variables(variables, cfg.prefix), x, slabs, softmax)
 
