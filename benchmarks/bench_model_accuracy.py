@@ -86,7 +86,10 @@ def make_synthetic(args: argparse.Namespace, work: str) -> list[dict]:
     return cases
 
 
-def segment(images: list[str], segs: list[str], args: argparse.Namespace, work: str) -> None:
+def segment(images: list[str], segs: list[str], args: argparse.Namespace, work: str,
+            **options: str) -> None:
+    """predict on ``images`` in one process; ``options`` are further predict keys (precision,
+    vol: a list file)."""
     from synthseg_jax.inference.pipeline import run
 
     with open(os.path.join(work, "in.txt"), "w") as f:
@@ -94,7 +97,7 @@ def segment(images: list[str], segs: list[str], args: argparse.Namespace, work: 
     with open(os.path.join(work, "out.txt"), "w") as f:
         f.write("\n".join(segs) + "\n")
     code = run({"i": os.path.join(work, "in.txt"), "o": os.path.join(work, "out.txt"),
-                "models_dir": args.models_dir, "labels_dir": args.labels_dir})
+                "models_dir": args.models_dir, "labels_dir": args.labels_dir, **options})
     if code:
         raise SystemExit(f"predict failed with exit code {code}")
 

@@ -6,6 +6,7 @@
                                        [--original | --original-from WORK] [--original-threads 2]
                                        [--original-low-mem-threads 1]
                                        [--json OUT.json] [--grid 256x256x256 --random-models DIR]
+                                       [--precisions float32,bf16]
 
 Each mode runs in its own process (so its peak memory is its own): our pipeline segments the same
 image ``--scans`` times in one batch (a .txt list, one scan at a time: ``overlap=false``, so that
@@ -88,19 +89,20 @@ def inner(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     runner = Runner(PredictOptions.create(i=os.path.join(work, "in.txt"), o=os.path.join(work, "out.txt"),
                             models_dir=args.models, crop=args.crop, progress=False, overlap=False,
-                            **flags),
+                            precision=args.precision, **flags),
                     stdout=sys.stderr)
     setup = time.perf_counter() - start
     summary = runner.run()
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    print(json.dumps({"mode": args.inner, "setup": setup, "timings": runner.timings,
+    print(json.dumps({"mode": args.inner, "precision": args.precision, "setup": setup, "timings": runner.timings,
                       "failed": summary.failed, "cpu": usage.ru_utime + usage.ru_stime,
                       "peak_rss_gb": usage.ru_maxrss / 2**20, "load": load()}))
 
 
-def run_ours(args: argparse.Namespace, mode: str) -> dict:
+def run_ours(args: argparse.Namespace, mode: str, precision: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--inner", mode, "--input", args.input,
-           "--models", args.models, "--scans", str(args.scans), "--threads", str(args.threads)]
+           "--models", args.models, "--scans", str(args.scans), "--threads", str(args.threads),
+           "--precision", precision]
     cmd += ["--vol"] if args.vol else []
     cmd += ["--post"] if args.post else []
     if args.crop:
@@ -184,6 +186,12 @@ def prepare_inputs(args: argparse.Namespace) -> None:
 STAGES = ("read", "preprocess", "compile", "network", "components", "postprocess", "geometry", "write")
 
 
+def row_name(result: dict) -> str:
+    """The mode, and the precision where it is not float32 (ratios are against the same mode)."""
+    precision = result.get("precision", "float32")
+    return result["mode"] if precision == "float32" else f"{result['mode']}, {precision}"
+
+
 def table(ours: list[dict], original: dict[str, dict]) -> str:
     """Seconds per scan and peak memory, ours against the original, and where our time goes."""
     lines = ["| mode | ours: first scan s (of which compile) | ours: following scan s | ours peak GB | "
@@ -200,7 +208,7 @@ def table(ours: list[dict], original: dict[str, dict]) -> str:
                  f"{orig['wall'] / first_process:.2f}", f"{orig['wall'] / following:.2f}")
         else:
             o = ("failed" if orig else "-", "-", "-", "-")
-        lines.append(f"| {r['mode']} | {first_process:.0f} ({first.get('compile', 0):.0f}) | "
+        lines.append(f"| {row_name(r)} | {first_process:.0f} ({first.get('compile', 0):.0f}) | "
                      f"{following:.0f} | {r['peak_rss_gb']:.1f} | {' | '.join(o)} | "
                      f"{r['load']}; {orig['load'] if orig else '-'} |")
     lines += ["", "Where our time goes (s; the following scan, compile from the first):", "",
@@ -210,7 +218,7 @@ def table(ours: list[dict], original: dict[str, dict]) -> str:
         first, rest = r["timings"][0], r["timings"][1:]
         timing = dict(rest[0] if rest else first, compile=first.get("compile", 0.0))
         startup = r["process_wall"] - sum(t["total"] for t in r["timings"])
-        lines.append(f"| {r['mode']} | {startup:.0f} | " + " | ".join(f"{timing.get(k, 0.0):.1f}" for k in STAGES)
+        lines.append(f"| {row_name(r)} | {startup:.0f} | " + " | ".join(f"{timing.get(k, 0.0):.1f}" for k in STAGES)
                      + f" | {(rest[0] if rest else first)['total']:.1f} |")
     return "\n".join(lines)
 
@@ -235,6 +243,9 @@ def main() -> None:
     parser.add_argument("--grid", default=None, help="XxYxZ: the MNI T1 centred in this 1 mm grid")
     parser.add_argument("--random-models", default=None,
                         help="folder of published-size random-weight models (made if missing)")
+    parser.add_argument("--precisions", default="float32",
+                        help="comma-separated: float32 and/or bf16 (predict's precision=), each mode in each")
+    parser.add_argument("--precision", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--inner", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inner:
@@ -242,9 +253,10 @@ def main() -> None:
     prepare_inputs(args)
     ours, original = [], {}
     for mode in args.modes.split(","):
-        ours.append(run_ours(args, mode))
-        print(f"ours {mode}: {json.dumps(ours[-1]['timings'])} peak {ours[-1]['peak_rss_gb']:.1f} GB "
-              f"(load {ours[-1]['load']})", flush=True)
+        for precision in args.precisions.split(","):
+            ours.append(run_ours(args, mode, precision))
+            print(f"ours {row_name(ours[-1])}: {json.dumps(ours[-1]['timings'])} "
+                  f"peak {ours[-1]['peak_rss_gb']:.1f} GB (load {ours[-1]['load']})", flush=True)
         if args.original:
             original[mode] = run_original(args, mode)
             print(f"original {mode}: {original[mode]}", flush=True)

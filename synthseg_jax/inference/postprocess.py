@@ -6,7 +6,7 @@ In the pipeline's order (``network.Predictor.predict`` runs steps 1-4, ``pipelin
 1. on the device, the masks whose connected components decide what is kept (``cleanup_masks``):
    the brain (sum of non-background posteriors > 0.25) and, unless fast, one mask per
    topological class but the first (any posterior of the class > 0.25);
-2. on the host, their largest 6-connected components (``keep_masks``: scipy, each class labelled
+2. on the host, their largest 6-connected components (``keep_masks``: cc3d, each class labelled
    inside its bounding box, which gives the components of the whole volume at a fraction of the
    cost); in fast/robust mode the brain's is taken inside the unpadded region, as the original
    crops first there;
@@ -28,7 +28,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy import ndimage
+import cc3d
 
 from synthseg_jax.geometry import resample_like
 from synthseg_jax.inference.preprocess import Preprocessed
@@ -84,17 +84,26 @@ def cleanup_masks(post: jax.Array, groups: list[tuple[int, ...]], fast: bool) ->
 # ------------------------------------------------------------------------------------------------
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 6-connected component of a boolean mask (ties: the first in scan order).
+    """The largest 6-connected component of a boolean mask (ties: the one reached first in C
+    scan order, as with scipy's labelling, which the original uses).
 
-    An empty mask is returned as it is.
+    cc3d, and counting inside the mask only, make ``keep_masks`` 2.7x faster than with
+    ``scipy.ndimage.label`` on the noisy masks of random-weight networks (BENCHMARKS.md); cc3d
+    may number the components otherwise, so a tie is settled by position, not by label. An empty
+    mask is returned as it is.
     """
-    mask = np.asarray(mask, dtype=bool)
-    components, n = ndimage.label(mask)
+    mask = np.array(mask, dtype=bool, order="C")   # cc3d needs a writable buffer, unlike the device's
+    components, n = cc3d.connected_components(mask, connectivity=6, return_N=True)
     if n == 0:
         return mask.copy()
-    counts = np.bincount(components.ravel())
-    counts[0] = 0
-    return components == int(np.argmax(counts))
+    counts = np.bincount(components[mask])   # over the mask only: 2x faster than the whole grid
+    largest = np.flatnonzero(counts == counts.max())
+    if largest.size == 1:
+        label = largest[0]
+    else:
+        flat = components.reshape(-1)
+        label = flat[np.argmax(np.isin(flat, largest))]
+    return components == label
 
 
 def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
