@@ -25,18 +25,17 @@ import sys
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+sys.path[:0] = [REPO, os.path.dirname(os.path.abspath(__file__))]
+from bench_model_accuracy import dice_per_label  # noqa: E402
 
 CORRUPTIONS = ("robust_denoiser", "qc")
 
 
 def dice_per_class(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> np.ndarray:
-    """Dice of each class index present in ``truth`` (NaN where absent)."""
+    """``dice_per_label`` over the class indices, as an array (NaN where absent from ``truth``)."""
     out = np.full(n_classes, np.nan)
-    for c in range(1, n_classes):
-        t = truth == c
-        if t.any():
-            out[c] = 2.0 * np.logical_and(pred == c, t).sum() / ((pred == c).sum() + t.sum())
+    for c, value in dice_per_label(pred, truth, np.arange(1, n_classes)).items():
+        out[c] = value
     return out
 
 

@@ -92,7 +92,8 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     may number the components otherwise, so a tie is settled by position, not by label. An empty
     mask is returned as it is.
     """
-    mask = np.array(mask, dtype=bool, order="C")   # cc3d needs a writable buffer, unlike the device's
+    # cc3d needs a writable C-ordered buffer: the device's arrays are read-only (copied only then)
+    mask = np.require(mask, dtype=bool, requirements=["C", "W"])
     components, n = cc3d.connected_components(mask, connectivity=6, return_N=True)
     if n == 0:
         return mask.copy()
