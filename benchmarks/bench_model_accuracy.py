@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models-dir", default=os.path.join(REPO, "checkpoints"))
     p.add_argument("--labels-dir", default=None)
-    p.add_argument("--model-config", default="cpu_2.0",
+    p.add_argument("--model-config", default="cpu_2.0_16",
                    help="configs/model/<name>.yaml giving the MNI white/grey-matter label sets")
     p.add_argument("--maps", nargs="+", default=["training_seg_19", "training_seg_20"])
     p.add_argument("--contrasts", type=int, default=2, help="random contrasts per map and resolution")
@@ -104,13 +104,13 @@ def segment(images: list[str], segs: list[str], args: argparse.Namespace, work: 
 
 def mni_scores(seg: np.ndarray, args: argparse.Namespace) -> dict[str, float]:
     import nibabel as nib
-    from omegaconf import OmegaConf
 
+    from synthseg_jax.training.config import load
     from synthseg_jax.training.validation import MNI_FILES, mask_dice, mni_dir
 
-    model_cfg = OmegaConf.load(os.path.join(REPO, "configs", "model", f"{args.model_config}.yaml"))
+    spec = load([f"model={args.model_config}"]).model    # composed, so a defaults list counts
     scores = {}
-    for key, labels in (("wm", model_cfg.model.mni_wm), ("gm", model_cfg.model.mni_gm)):
+    for key, labels in (("wm", spec.mni_wm), ("gm", spec.mni_gm)):
         prob = np.asarray(nib.load(os.path.join(mni_dir(), MNI_FILES[key])).dataobj, dtype=np.float32)
         prob = prob / prob.max() if prob.max() > 1 else prob
         scores[key] = mask_dice(np.isin(seg, list(labels)), prob > 0.5)

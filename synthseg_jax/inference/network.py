@@ -136,6 +136,7 @@ class Networks:
     parc: nn.Module | None = None
     qc: nn.Module | None = None
     seg_voxel_size: float = 1.0               # mm; a coarser model runs on a pooled image
+    qc_voxel_size: float = 1.0                # mm; a coarser QC model sees the majority class per block
 
 
 def load_networks(models_dir: str, mode: Mode, labels_dir: str | None = None,
@@ -160,7 +161,7 @@ def load_networks(models_dir: str, mode: Mode, labels_dir: str | None = None,
         for kind in kinds:
             loaded[kind] = models.load_network(kind, conv_dtype)
             voxel_sizes[kind] = models.voxel_size(kind, loaded[kind][1])
-            supported = (1.0, 2.0, 4.0) if kind == mode.segmenter_kind else (1.0,)
+            supported = {mode.segmenter_kind: (1.0, 2.0, 4.0), "qc": (1.0, 2.0)}.get(kind, (1.0,))
             if voxel_sizes[kind] not in supported:
                 raise ModelError(f"{models.weights_file(kind)}: trained at {voxel_sizes[kind]:g} "
                                  f"mm; supported: {', '.join(f'{s:g}' for s in supported)} mm")
@@ -176,7 +177,8 @@ def load_networks(models_dir: str, mode: Mode, labels_dir: str | None = None,
     if mode.qc:
         qc_module, variables["qc"] = loaded["qc"]
     return Networks(tables=tables, segmenter=seg_module, variables=variables, parc=parc_module,
-                    qc=qc_module, seg_voxel_size=voxel_sizes[mode.segmenter_kind])
+                    qc=qc_module, seg_voxel_size=voxel_sizes[mode.segmenter_kind],
+                    qc_voxel_size=voxel_sizes.get("qc", 1.0))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -376,10 +378,19 @@ def robust_groups(module: RobustCascade, variables: dict[str, Any], x: jax.Array
         cfg, unet_variables(variables, cfg.prefix), z, slabs))
 
 
-def qc_one_hot(seg_index: jax.Array, qc_class: jax.Array, n_qc: int, size: int) -> jax.Array:
-    """(B, X, Y, Z) segmentation indices -> one-hot QC classes of the ``size``^3 MakeShape crop."""
+def qc_one_hot(seg_index: jax.Array, qc_class: jax.Array, n_qc: int, size: int,
+               factor: int = 1) -> jax.Array:
+    """(B, X, Y, Z) segmentation indices -> one-hot QC classes of the ``size``^3 MakeShape crop.
+
+    ``factor`` > 1 (a QC model trained at ``factor`` mm): each ``factor``^3 block becomes its
+    majority class, the hard segmentation at that voxel size that the model was trained on."""
     cropped = jax.vmap(lambda s: crop_around_labels(s, size))(seg_index)
-    return jax.nn.one_hot(qc_class[cropped], n_qc, dtype=jnp.float32)
+    onehot = jax.nn.one_hot(qc_class[cropped], n_qc, dtype=jnp.float32)
+    if factor <= 1:
+        return onehot
+    b, x, y, z, c = onehot.shape
+    votes = onehot.reshape(b, x // factor, factor, y // factor, factor, z // factor, factor, c)
+    return jax.nn.one_hot(jnp.argmax(votes.sum(axis=(2, 4, 6)), axis=-1), n_qc, dtype=jnp.float32)
 
 
 @dataclasses.dataclass
@@ -516,7 +527,7 @@ class Predictor:
             out["parc"] = softmax_blurred(unet, parc_x)[0]
         if mode.qc:
             onehot = qc_one_hot(jnp.argmax(qc_in, axis=-1), self._qc_class, self._n_qc,
-                                self.qc_crop_size)
+                                self.qc_crop_size, int(round(nets.qc_voxel_size)))
             out["qc"] = nets.qc.apply(variables["qc"], onehot)[0]
         return out
 

@@ -31,7 +31,9 @@ Limitations:
   compare with ``SYNTHSEG_JAX_CONV=xla``;
 * XLA cannot serialise executables holding these custom calls: the persistent compilation cache
   warns ("Error writing persistent compilation cache entry ... std::bad_alloc") and recompiles;
-* no ``vmap`` or forward-mode (``jvp``) rule.
+* ``vmap`` over the input only (the frozen segmenter inside a batched sampler): the mapped axis
+  is folded into the convolution's batch axis; no ``vmap`` over the kernel, no forward-mode
+  (``jvp``) rule.
 
 Mixed precision (``conv_dtype='bfloat16'``): the convolution's inputs (activations and kernel)
 are cast to bfloat16, oneDNN accumulates in float32 and returns float32, so the bias, activation,
@@ -60,7 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.extend.core import Primitive
-from jax.interpreters import mlir
+from jax.interpreters import batching, mlir
 
 # The jaxlib whose __onednn$convolution custom call (config layout, offsets, fusions) this module
 # was verified against; pyproject.toml pins jax and jaxlib to it.
@@ -209,8 +211,23 @@ def _impl_of(prim, *args, **params):
     return dispatch.apply_primitive(prim, *args, **params)
 
 
+def _conv_batch_rule(args, dims, **params):
+    """``vmap`` of the input: fold the mapped axis into the convolution's batch axis (one call)."""
+    if any(d is not None for d in dims[1:]):    # None: not mapped
+        raise NotImplementedError("vmap of the oneDNN convolution over its kernel or bias; "
+                                  "use SYNTHSEG_JAX_CONV=xla")
+    x, *rest = args
+    lhs_batch, out_batch = params["dnums"][0][0], params["dnums"][2][0]
+    x = jnp.moveaxis(x, dims[0], lhs_batch)
+    n_mapped, n_batch = x.shape[lhs_batch], x.shape[lhs_batch + 1]
+    x = x.reshape(x.shape[:lhs_batch] + (n_mapped * n_batch,) + x.shape[lhs_batch + 2:])
+    y = _conv_p.bind(x, *rest, **params)
+    return y.reshape(y.shape[:out_batch] + (n_mapped, n_batch) + y.shape[out_batch + 1:]), out_batch
+
+
 _conv_p.def_impl(functools.partial(_impl_of, _conv_p))
 _conv_p.def_abstract_eval(_abstract_eval)
+batching.primitive_batchers[_conv_p] = _conv_batch_rule
 mlir.register_lowering(_conv_p, mlir.lower_fun(_xla_conv, multiple_results=False))
 mlir.register_lowering(_conv_p, _cpu_lowering, platform="cpu")
 

@@ -37,7 +37,7 @@ from generator.sampler import resolve_path
 from synthseg_jax.training import checkpoint as ckpt
 from synthseg_jax.training import step as st
 from synthseg_jax.training.config import TrainConfig, TrainSection
-from synthseg_jax.training.tasks import Task, load_training_data
+from synthseg_jax.training.tasks import Task, load_frozen_segmenter, load_training_data
 from synthseg_jax.training.validation import load_mni, mni_forward, mni_scores
 from synthseg_jax.weights.keras_h5 import load_keras_h5
 
@@ -194,7 +194,9 @@ class Run:
         self.data = load_training_data(self.spec, gcfg, held_out=train.held_out,
                                        max_maps=train.max_maps, downsample=train.label_downsample,
                                        label_dir=train.label_dir)
-        self.task = Task(self.spec, self.data.params)
+        frozen = load_frozen_segmenter(self.spec, self.data.gcfg.atlas_res) \
+            if self.spec.inputs == "predictions" else None
+        self.task = Task(self.spec, self.data.params, frozen)
         self.module = self.task.module()
         self.seed = self.config.seed
         self.batch_size = train.batch_size
@@ -221,6 +223,7 @@ class Run:
         maps = [self.data.train_maps] + ([self.data.val_maps] if self.data.val_maps is not None else [])
         self.n_train = len(self.data.train_maps)
         self.bank = jax.device_put(np.concatenate(maps), self.trainer.replicated)
+        self.aux = jax.device_put(self.task.aux, self.trainer.replicated)
         self._batch = jax.jit(self._make_batch, out_shardings=(self.trainer.batch_sharding,) * 2)
         self._eval = jax.jit(lambda v, x, y: self.task.evaluate(self.module.apply(v, x), y))
         self._eval_own_stats = jax.jit(lambda v, x, y: self.task.evaluate(
@@ -229,15 +232,15 @@ class Run:
         self.wl2_steps = train.wl2_steps if "wl2" in self.task.phases else 0
 
     # ---- data
-    def _make_batch(self, key, indices, bank):
+    def _make_batch(self, key, indices, bank, aux):
         keys = jax.random.split(key, indices.shape[0])
-        return jax.vmap(self.task.sample)(keys, bank[indices])
+        return jax.vmap(self.task.sample, in_axes=(0, 0, None))(keys, bank[indices], aux)
 
     def batch(self, step: int, rng) -> tuple[jax.Array, jax.Array]:
         """The training batch of ``step`` (a pure function of the run's key and the step)."""
         k_pick, k_data = jax.random.split(jax.random.fold_in(rng, step))
         idx = jax.random.randint(k_pick, (self.batch_size,), 0, self.n_train)
-        return self._batch(k_data, idx, self.bank)
+        return self._batch(k_data, idx, self.bank, self.aux)
 
     def phase(self, step: int) -> str:
         if self.task.phases == ("qc",):
@@ -276,9 +279,10 @@ class Run:
     def _batch_keys(self, keys, idx):
         if not hasattr(self, "_batch_k"):
             self._batch_k = jax.jit(
-                lambda k, i, b: jax.vmap(self.task.sample)(jax.vmap(jax.random.wrap_key_data)(k), b[i]),
+                lambda k, i, b, a: jax.vmap(self.task.sample, in_axes=(0, 0, None))(
+                    jax.vmap(jax.random.wrap_key_data)(k), b[i], a),
                 out_shardings=(self.trainer.batch_sharding,) * 2)
-        return self._batch_k(keys, idx, self.bank)
+        return self._batch_k(keys, idx, self.bank, self.aux)
 
     def synthetic_scores(self, variables, chunks, own_stats: bool = False) -> np.ndarray:
         """The validation score (Dice, or QC error) of every chunk of :meth:`validation_set`;

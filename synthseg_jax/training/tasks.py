@@ -20,8 +20,11 @@ One :class:`Task` per model kind (``configs/model/*.yaml``, key ``kind``):
     map's cortex (angular sectors around each hemisphere's centroid, :func:`pseudo_parcellation`),
     which exercises the code path but does not teach a real atlas.
 ``qc``
-    The QC regressor: one-hot QC classes of a corrupted segmentation (with the original's random
-    partial field of view) -> its per-class Dice against the ground truth (``training_qc.py``).
+    The QC regressor: one-hot QC classes of a segmentation (with the original's random partial
+    field of view) -> its per-class Dice against the ground truth (``training_qc.py``). The
+    segmentation is a frozen segmenter's own prediction on the generated image
+    (``inputs: predictions``, the errors it must recognise, as the original's) or corrupted ground
+    truth (``inputs: corrupted``).
 
 Everything here is pure and jittable except the label-map loading at the bottom.
 """
@@ -47,6 +50,7 @@ from synthseg_jax.nn.unet import EncoderConfig, UNetConfig
 from synthseg_jax.training import losses
 
 KINDS = ("segmenter", "denoiser", "second", "parc", "qc")
+INPUTS = ("corrupted", "predictions")
 # Group tables are written against the 2.0 segmentation labels (55 entries each).
 GROUP_TABLES = {"denoiser_2.0": "synthseg_denoiser_labels_2.0.npy",
                 "qc_2.0": "synthseg_qc_labels_2.0.npy",
@@ -94,6 +98,11 @@ class ModelSpec:
     labels: Any = "2.0"                 # target labels: '1.0', '2.0', 'denoiser_2.0', 'qc_2.0', ...
     groups: str = "denoiser_2.0"        # second / denoiser: the group table
     corruption: Corruption = Corruption()
+    # qc: what the regressor sees, 'corrupted' ground truth or a frozen segmenter's 'predictions'
+    inputs: str = "corrupted"
+    segmenter: str | None = None        # predictions: its .h5 (architecture.json beside it);
+                                        # None: the shipped default model
+    segmenter_conv_dtype: str = "bfloat16"   # its convolutions' products (it only predicts)
     # label values (of the target table) counted as white / grey matter in the MNI validation
     mni_wm: tuple = ()
     mni_gm: tuple = ()
@@ -122,6 +131,10 @@ class ModelSpec:
                 d[key] = tuple(int(v) for v in (d[key] or ()))
         if isinstance(d.get("labels"), list):
             d["labels"] = tuple(d["labels"])
+        if d.get("inputs", cls.inputs) not in INPUTS:
+            raise ValueError(f"unknown model inputs {d['inputs']!r}; expected one of {', '.join(INPUTS)}")
+        if d.get("inputs") == "predictions" and kind != "qc":
+            raise ValueError(f"model inputs 'predictions' are for the qc kind, not {kind!r}")
         return cls(corruption=Corruption(**corruption), architecture=architecture, **d)
 
     def network_config(self, n_labels: int) -> UNetConfig | EncoderConfig:
@@ -250,10 +263,15 @@ class Task:
     indices; it is pure, so the loop vmaps and jits it.
     """
 
-    def __init__(self, spec: ModelSpec, params: SamplerParams):
+    def __init__(self, spec: ModelSpec, params: SamplerParams,
+                 frozen: "FrozenSegmenter | None" = None):
         """``params``: the generator's resolved tables for this task's label maps
-        (:attr:`TrainingData.params`)."""
+        (:attr:`TrainingData.params`); ``frozen``: the segmenter whose predictions a QC task
+        with ``inputs: predictions`` learns from (:func:`load_frozen_segmenter`)."""
+        if (spec.inputs == "predictions") != (frozen is not None):
+            raise ValueError("a frozen segmenter goes with model inputs 'predictions', and only with them")
         self.spec = spec
+        self.frozen = frozen
         self.gparams = params.with_config(target="indices")
         self.gcfg = self.gparams.config
         self.voxel = float(self.gcfg.atlas_res)
@@ -276,6 +294,12 @@ class Task:
                             "denoiser": self.n_outputs, "parc": n_channels + 2,
                             "qc": self.n_outputs}[kind]
         self.phases = ("qc",) if kind == "qc" else ("wl2", "dice")
+        if frozen is not None:
+            missing = sorted(set(frozen.qc_class.tolist()) - set(self.target_labels.tolist()))
+            if missing:
+                raise ValueError(f"the frozen segmenter's QC classes {missing} are not among the "
+                                 f"task's targets {self.target_labels.tolist()}")
+            self.prediction_lut = np.searchsorted(self.target_labels, frozen.qc_class).astype(np.int32)
 
     # ---- network
     def module(self) -> nn.Module:
@@ -288,12 +312,25 @@ class Task:
         return tuple(int(s) for s in self.gcfg.output_shape)
 
     # ---- data
-    def sample(self, key: jax.Array, label_map: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """One ``(inputs, targets)`` pair from a label map of generation-label indices."""
+    @property
+    def aux(self) -> Any:
+        """What :meth:`sample` needs besides the key and the map (the frozen segmenter's
+        variables), passed as an argument so that jit does not embed it as a constant."""
+        return None if self.frozen is None else self.frozen.variables
+
+    def sample(self, key: jax.Array, label_map: jax.Array, aux: Any = None) -> tuple[jax.Array, jax.Array]:
+        """One ``(inputs, targets)`` pair from a label map of generation-label indices;
+        ``aux``: :attr:`aux`."""
         k_gen, k_extra = jax.random.split(key)
         kind = self.spec.kind
         lut = jnp.asarray(self.target_lut)
         c = self.spec.corruption
+        if self.frozen is not None:
+            image, _, info = sample_with_info(k_gen, label_map, self.gparams)
+            target = lut[info["labels"].astype(jnp.int32)]
+            logits = self.frozen.module.apply(aux, image[None])[0]
+            predicted = jnp.asarray(self.prediction_lut)[jnp.argmax(logits, -1)]
+            return self._qc_pair(k_extra, predicted, target)
         if kind in ("denoiser", "qc"):
             target = lut[sample_labels(k_gen, label_map, self.gparams).astype(jnp.int32)]
             k_cor, k_fov = jax.random.split(k_extra)
@@ -301,11 +338,7 @@ class Task:
                                    self.gcfg.nonlin_integration_factor)
             if kind == "denoiser":
                 return losses.one_hot(noisy, self.n_outputs), target
-            n = target.shape[0]
-            min_fov = min(_radius(c.fov_min_mm, self.voxel), n - 1)
-            onehot, dice = glab.simulate_partial_fov(k_fov, noisy, target, self.n_outputs,
-                                                     target.shape, min_fov, c.fov_prob)
-            return onehot, dice
+            return self._qc_pair(k_fov, noisy, target)
         image, _, info = sample_with_info(k_gen, label_map, self.gparams)
         labels = info["labels"].astype(jnp.int32)
         target = lut[labels]
@@ -326,6 +359,14 @@ class Task:
         masks = glab.corrupt_groups(k_morph, groups, self.n_groups,
                                     _radius(c.group_radius_mm, self.voxel), c.group_prob)
         return jnp.concatenate([image, masks.astype(image.dtype)], -1), target
+
+    def _qc_pair(self, key: jax.Array, segmentation: jax.Array, target: jax.Array):
+        """The QC regressor's input (one-hot, after the random partial field of view) and its
+        per-class Dice against the target."""
+        c = self.spec.corruption
+        min_fov = min(_radius(c.fov_min_mm, self.voxel), target.shape[0] - 1)
+        return glab.simulate_partial_fov(key, segmentation, target, self.n_outputs, target.shape,
+                                         min_fov, c.fov_prob)
 
     # ---- losses and metrics
     def loss(self, phase: str, outputs: jax.Array, targets: jax.Array) -> jax.Array:
@@ -486,3 +527,34 @@ def load_training_data(spec: ModelSpec, gcfg: GeneratorConfig, held_out: Sequenc
     return TrainingData(params=params.with_config(atlas_res=float(voxel) * f),
                         train_maps=train, val_maps=val,
                         train_paths=tuple(train_files), val_paths=tuple(val_files))
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenSegmenter:
+    """A trained segmenter that only predicts: its predictions are the QC task's inputs."""
+
+    module: nn.Module
+    variables: Any
+    qc_class: np.ndarray         # the QC class (label value) of each of its output channels
+
+
+def load_frozen_segmenter(spec: ModelSpec, voxel_size: float,
+                          labels_dir: str | None = None) -> FrozenSegmenter:
+    """Read ``spec.segmenter`` (default: the shipped model) and the QC class of each of its
+    output channels (the QC label table of its labels).
+
+    Refused if it was trained at another voxel size than the task's data: its predictions would
+    then show errors it does not make at its own resolution."""
+    from synthseg_jax.package_data import default_models_dir, label_tables_dir
+    from synthseg_jax.weights.models_dir import MODEL_FILES, ModelsDir
+
+    path = os.path.expanduser(spec.segmenter or os.path.join(default_models_dir(), MODEL_FILES["2.0"]))
+    models = ModelsDir(os.path.dirname(path) or ".", labels_dir=labels_dir or label_tables_dir(),
+                       overrides={"2.0": path})
+    module, variables = models.load_network("2.0", spec.segmenter_conv_dtype)
+    trained_at = models.voxel_size("2.0", variables)
+    if abs(trained_at - voxel_size) > 1e-6:
+        raise ValueError(f"{path}: trained at {trained_at:g} mm, the QC task's data are at "
+                         f"{voxel_size:g} mm (train.label_downsample)")
+    return FrozenSegmenter(module=module, variables=variables,
+                           qc_class=np.asarray(models.labels("2.0").qc_class))

@@ -133,6 +133,19 @@ def test_qc_one_hot_crop_size():
     assert float(onehot[..., 3].sum()) == 64
 
 
+def test_qc_one_hot_at_a_coarser_voxel_size_takes_each_blocks_majority():
+    """A 2 mm QC model sees the hard 2 mm segmentation: each 2^3 block's majority class."""
+    rng = np.random.default_rng(3)
+    seg = rng.integers(1, 4, (1, 16, 16, 16)).astype(np.int32)
+    seg[0, :2, :2, :2] = [[[1, 2], [2, 2]], [[2, 3], [3, 2]]]        # 5 of 8 are class 2
+    onehot = np.asarray(qc_one_hot(jnp.asarray(seg), jnp.array([0, 1, 2, 3]), 4, 16, factor=2))
+    assert onehot.shape == (1, 8, 8, 8, 4) and np.all(onehot.sum(-1) == 1)
+    assert onehot[0, 0, 0, 0].tolist() == [0, 0, 1, 0]
+    blocks = np.eye(4)[seg[0]].reshape(8, 2, 8, 2, 8, 2, 4).sum((1, 3, 5))
+    clear = blocks.max(-1) >= 5                                       # no tie for the majority
+    np.testing.assert_array_equal(np.argmax(onehot[0], -1)[clear], np.argmax(blocks, -1)[clear])
+
+
 def test_load_networks_errors(models_dir, labels_dir, tmp_path):
     with pytest.raises(ModelError, match="models folder not found"):
         load_networks(str(tmp_path / "nope"), Mode(), labels_dir)

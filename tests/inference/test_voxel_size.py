@@ -9,10 +9,12 @@ import pytest
 
 from synthseg_jax.inference.network import (
     Mode,
+    ModelError,
     Predictor,
     at_voxel_size,
     gaussian_blur,
     load_networks,
+    qc_one_hot,
     upsample_linear,
 )
 from synthseg_jax.inference.options import PredictOptions
@@ -128,3 +130,24 @@ def test_coarse_model_flip_average_equals_the_1mm_definition(tmp_path, tiny_nets
     expected = gaussian_blur(0.5 * (posteriors(x) + back))[0]
     assert not np.allclose(np.asarray(back), np.asarray(posteriors(x)), atol=1e-3)
     np.testing.assert_allclose(np.asarray(out["seg"]), np.asarray(expected), atol=2e-6)
+
+
+def test_coarse_qc_model_sees_the_segmentation_at_its_voxel_size(tmp_path, tiny_nets, labels_dir):
+    """A QC model trained at 2 mm (the shipped one) scores the 1 mm segmentation's 2 mm majority
+    classes: a 32^3 crop reaches it as 16^3. Other voxel sizes are refused before any work."""
+    save_keras_h5(tiny_nets["2.0"][2], str(tmp_path / "synthseg_2.0.h5"), voxel_size=1.0)
+    save_keras_h5(tiny_nets["qc"][2], str(tmp_path / "synthseg_qc_2.0.h5"), voxel_size=2.0)
+    mode = Mode(qc=True)
+    nets = load_networks(str(tmp_path), mode, labels_dir)
+    assert nets.qc_voxel_size == 2.0
+    predictor = Predictor(nets, mode, qc_crop_size=32)
+    image = jnp.asarray(np.random.default_rng(4).uniform(size=(32, 32, 32)), jnp.float32)
+    out = jax.jit(predictor._forward)(predictor._variables, image)
+    onehot = qc_one_hot(jnp.argmax(out["seg"], axis=-1)[None], jnp.asarray(nets.tables.qc_class),
+                        nets.tables.n_qc, 32, factor=2)
+    assert onehot.shape[1:4] == (16, 16, 16)
+    expected = nets.qc.apply(predictor._variables["qc"], onehot)[0]
+    np.testing.assert_allclose(np.asarray(out["qc"]), np.asarray(expected), rtol=1e-5, atol=1e-6)
+    save_keras_h5(tiny_nets["qc"][2], str(tmp_path / "synthseg_qc_2.0.h5"), voxel_size=4.0)
+    with pytest.raises(ModelError, match="trained at 4 mm; supported: 1, 2 mm"):
+        load_networks(str(tmp_path), mode, labels_dir)

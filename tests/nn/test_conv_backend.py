@@ -68,6 +68,21 @@ def test_layer_forward_and_gradients_match_xla(k, c_in, c_out, shape, activation
         assert_close(a, e)
 
 
+@needs_cpu
+@pytest.mark.parametrize("in_axis", [0, 2])
+def test_vmap_over_the_input_matches_one_call_per_item(in_axis):
+    """The batching rule folds the mapped axis into the batch axis: each item's result is that
+    of its own call, whichever axis is mapped; a mapped kernel is refused."""
+    x, w, b, _ = random_inputs(7, (2, 6, 5, 7), 3, 4, 5)
+    stacked = jnp.stack([x, x[::-1] * 0.5 + 1.0, -x], axis=in_axis)
+    conv = lambda v: conv3d_same(v, w, b, backend="onednn", activation="elu")
+    mapped = jax.jit(jax.vmap(conv, in_axes=in_axis))(stacked)
+    for i in range(3):
+        assert_close(mapped[i], jax.jit(conv)(jnp.take(stacked, i, axis=in_axis)))
+    with pytest.raises(NotImplementedError, match="kernel"):
+        jax.vmap(lambda k: conv3d_same(x, k, b, backend="onednn"))(jnp.stack([w, w]))
+
+
 def conv_and_grads(backend, conv_dtype, activation, x, w, b, probe):
     def loss(x, w, b):
         y = conv3d_same(x, w, b, backend=backend, activation=activation, conv_dtype=conv_dtype)

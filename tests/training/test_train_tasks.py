@@ -101,3 +101,57 @@ def test_segmenter_sample_and_evaluation(params, label_map):
     assert float(task.evaluate(perfect, target[None])["dice"]) == pytest.approx(1.0)
     wrong = jax.nn.one_hot(jnp.zeros_like(target), task.n_outputs)[None]
     assert float(task.evaluate(wrong, target[None])["dice"]) == 0.0
+
+
+def _frozen_segmenter(n_labels=33):
+    from synthseg_jax.labels import LabelTables
+    from synthseg_jax.nn.synthseg import Segmenter
+    from synthseg_jax.nn.unet import UNetConfig
+    from synthseg_jax.package_data import label_tables_dir
+    module = Segmenter(UNetConfig("unet", n_labels, nb_features=4, nb_levels=2))
+    variables = module.init(jax.random.key(5), jnp.zeros((1, 16, 16, 16, 1)))
+    return tasks.FrozenSegmenter(module=module, variables=variables,
+                                 qc_class=LabelTables.load(label_tables_dir()).qc_class)
+
+
+@needs_maps
+def test_qc_learns_from_the_frozen_segmenters_own_predictions(params, label_map):
+    """inputs 'predictions': the QC input is the frozen network's argmax on the generated image of
+    the same key, in QC classes, and the target its per-class Dice against the generator's labels."""
+    spec = tasks.ModelSpec.from_dict({"kind": "qc", "labels": "qc_2.0", "inputs": "predictions",
+                                      "nb_features": 4, "nb_levels": 2,
+                                      "corruption": {"fov_prob": 0.0}})
+    frozen = _frozen_segmenter()
+    task = tasks.Task(spec, params, frozen)
+    key = jax.random.key(8)
+    onehot, dice = jax.jit(task.sample)(key, label_map, task.aux)
+    k_gen, _ = jax.random.split(key)
+    from generator.sampler import sample_with_info
+    image, _, info = sample_with_info(k_gen, label_map, task.gparams)
+    predicted = np.argmax(np.asarray(frozen.module.apply(frozen.variables, image[None]))[0], -1)
+    expected_seg = task.prediction_lut[predicted]
+    truth = task.target_lut[np.asarray(info["labels"])]
+    np.testing.assert_array_equal(np.argmax(np.asarray(onehot), -1), expected_seg)
+    for c in range(task.n_outputs):
+        p, t = expected_seg == c, truth == c
+        expected = 2 * np.sum(p & t) / max(np.sum(p) + np.sum(t), 1e-6)
+        assert float(dice[c]) == pytest.approx(expected, abs=1e-4), c
+    assert task.n_outputs == 9 and float(np.mean(dice)) < 0.9   # a random network is no oracle
+
+
+def test_predictions_inputs_need_a_frozen_segmenter_and_the_qc_kind(params):
+    spec = tasks.ModelSpec.from_dict({"kind": "qc", "labels": "qc_2.0", "inputs": "predictions"})
+    with pytest.raises(ValueError, match="frozen segmenter"):
+        tasks.Task(spec, params)
+    with pytest.raises(ValueError, match="for the qc kind"):
+        tasks.ModelSpec.from_dict({"kind": "denoiser", "inputs": "predictions"})
+    with pytest.raises(ValueError, match="unknown model inputs"):
+        tasks.ModelSpec.from_dict({"kind": "qc", "inputs": "guesses"})
+
+
+def test_frozen_segmenter_refuses_another_voxel_size():
+    """The shipped segmenter is a 2 mm model: on 4 mm data its errors would not be its own."""
+    spec = tasks.ModelSpec.from_dict({"kind": "qc", "labels": "qc_2.0", "inputs": "predictions"})
+    with pytest.raises(ValueError, match="trained at 2 mm.*4 mm"):
+        tasks.load_frozen_segmenter(spec, 4.0)
+    assert tasks.load_frozen_segmenter(spec, 2.0).qc_class.shape == (33,)
