@@ -6,11 +6,13 @@ One :class:`Task` per model kind (``configs/model/*.yaml``, key ``kind``):
     SynthSeg 1.0 / 2.0, and the robust cascade's first stage (targets = the 5 denoiser groups):
     a synthetic image from the generator -> label channel indices. Weighted L2 then soft Dice.
 ``denoiser``
-    The robust cascade's label-to-label network (``l2l``): a corrupted one-hot group map -> the
+    The robust cascade's label-to-label network (``l2l``): a noisy one-hot group map -> the
     clean group map. The original trains it on (S1 prediction, ground truth) pairs computed offline
-    from degraded real scans; we have no real scans, so the noisy input is the deformed ground truth
-    corrupted online (a small independent deformation, relabelled blobs, the original's random
-    erosion) -- see :func:`corrupt_labels`.
+    from degraded real scans. Here the noisy input is a frozen segmenter's own prediction on the
+    generated image, in groups (``inputs: predictions``), or the deformed ground truth corrupted
+    online (``inputs: corrupted``: a small independent deformation, relabelled blobs, the
+    original's random erosion, :func:`corrupt_labels`). The two differ materially
+    (BENCHMARKS.md, "The denoiser's and QC model's inputs").
 ``second``
     The cascade's last segmenter (``unet2``): image + the one-hot groups of its own (deformed,
     dilated/eroded) ground truth -> the 2.0 labels, as the original's ``training_group.py``.
@@ -98,7 +100,7 @@ class ModelSpec:
     labels: Any = "2.0"                 # target labels: '1.0', '2.0', 'denoiser_2.0', 'qc_2.0', ...
     groups: str = "denoiser_2.0"        # second / denoiser: the group table
     corruption: Corruption = Corruption()
-    # qc: what the regressor sees, 'corrupted' ground truth or a frozen segmenter's 'predictions'
+    # qc, denoiser: what the network sees, 'corrupted' ground truth or a frozen segmenter's 'predictions'
     inputs: str = "corrupted"
     segmenter: str | None = None        # predictions: its .h5 (architecture.json beside it);
                                         # None: the shipped default model
@@ -133,8 +135,8 @@ class ModelSpec:
             d["labels"] = tuple(d["labels"])
         if d.get("inputs", cls.inputs) not in INPUTS:
             raise ValueError(f"unknown model inputs {d['inputs']!r}; expected one of {', '.join(INPUTS)}")
-        if d.get("inputs") == "predictions" and kind != "qc":
-            raise ValueError(f"model inputs 'predictions' are for the qc kind, not {kind!r}")
+        if d.get("inputs") == "predictions" and kind not in ("qc", "denoiser"):
+            raise ValueError(f"model inputs 'predictions' are for the qc and denoiser kinds, not {kind!r}")
         return cls(corruption=Corruption(**corruption), architecture=architecture, **d)
 
     def network_config(self, n_labels: int) -> UNetConfig | EncoderConfig:
@@ -266,8 +268,8 @@ class Task:
     def __init__(self, spec: ModelSpec, params: SamplerParams,
                  frozen: "FrozenSegmenter | None" = None):
         """``params``: the generator's resolved tables for this task's label maps
-        (:attr:`TrainingData.params`); ``frozen``: the segmenter whose predictions a QC task
-        with ``inputs: predictions`` learns from (:func:`load_frozen_segmenter`)."""
+        (:attr:`TrainingData.params`); ``frozen``: the segmenter whose predictions a QC or
+        denoiser task with ``inputs: predictions`` learns from (:func:`load_frozen_segmenter`)."""
         if (spec.inputs == "predictions") != (frozen is not None):
             raise ValueError("a frozen segmenter goes with model inputs 'predictions', and only with them")
         self.spec = spec
@@ -295,11 +297,17 @@ class Task:
                             "qc": self.n_outputs}[kind]
         self.phases = ("qc",) if kind == "qc" else ("wl2", "dice")
         if frozen is not None:
-            missing = sorted(set(frozen.qc_class.tolist()) - set(self.target_labels.tolist()))
+            # the segmenter's channels -> this task's target channels, through its group table
+            table = spec.labels if kind == "qc" else spec.groups
+            if table not in GROUP_TABLES:
+                raise ValueError(f"model inputs 'predictions' need a group table as the targets "
+                                 f"({', '.join(GROUP_TABLES)}), got {table!r}")
+            values = group_values(self.gcfg.priors_dir, table, frozen.labels)
+            missing = sorted(set(values.tolist()) - set(self.target_labels.tolist()))
             if missing:
-                raise ValueError(f"the frozen segmenter's QC classes {missing} are not among the "
+                raise ValueError(f"the frozen segmenter's {table} groups {missing} are not among the "
                                  f"task's targets {self.target_labels.tolist()}")
-            self.prediction_lut = np.searchsorted(self.target_labels, frozen.qc_class).astype(np.int32)
+            self.prediction_lut = np.searchsorted(self.target_labels, values).astype(np.int32)
 
     # ---- network
     def module(self) -> nn.Module:
@@ -330,6 +338,8 @@ class Task:
             target = lut[info["labels"].astype(jnp.int32)]
             logits = self.frozen.module.apply(aux, image[None])[0]
             predicted = jnp.asarray(self.prediction_lut)[jnp.argmax(logits, -1)]
+            if kind == "denoiser":
+                return losses.one_hot(predicted, self.n_outputs), target
             return self._qc_pair(k_extra, predicted, target)
         if kind in ("denoiser", "qc"):
             target = lut[sample_labels(k_gen, label_map, self.gparams).astype(jnp.int32)]
@@ -531,17 +541,17 @@ def load_training_data(spec: ModelSpec, gcfg: GeneratorConfig, held_out: Sequenc
 
 @dataclasses.dataclass(frozen=True)
 class FrozenSegmenter:
-    """A trained segmenter that only predicts: its predictions are the QC task's inputs."""
+    """A trained segmenter that only predicts: its predictions are the QC or denoiser task's inputs."""
 
     module: nn.Module
     variables: Any
-    qc_class: np.ndarray         # the QC class (label value) of each of its output channels
+    labels: np.ndarray           # the 2.0 segmentation label of each of its output channels
 
 
 def load_frozen_segmenter(spec: ModelSpec, voxel_size: float,
                           labels_dir: str | None = None) -> FrozenSegmenter:
-    """Read ``spec.segmenter`` (default: the shipped model) and the QC class of each of its
-    output channels (the QC label table of its labels).
+    """Read ``spec.segmenter`` (default: the shipped model) and the label of each of its output
+    channels (the 2.0 segmentation table).
 
     Refused if it was trained at another voxel size than the task's data: its predictions would
     then show errors it does not make at its own resolution."""
@@ -554,7 +564,7 @@ def load_frozen_segmenter(spec: ModelSpec, voxel_size: float,
     module, variables = models.load_network("2.0", spec.segmenter_conv_dtype)
     trained_at = models.voxel_size("2.0", variables)
     if abs(trained_at - voxel_size) > 1e-6:
-        raise ValueError(f"{path}: trained at {trained_at:g} mm, the QC task's data are at "
+        raise ValueError(f"{path}: trained at {trained_at:g} mm, the task's data are at "
                          f"{voxel_size:g} mm (train.label_downsample)")
     return FrozenSegmenter(module=module, variables=variables,
-                           qc_class=np.asarray(models.labels("2.0").qc_class))
+                           labels=np.asarray(models.labels("2.0").segmentation))

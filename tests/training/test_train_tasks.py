@@ -111,7 +111,7 @@ def _frozen_segmenter(n_labels=33):
     module = Segmenter(UNetConfig("unet", n_labels, nb_features=4, nb_levels=2))
     variables = module.init(jax.random.key(5), jnp.zeros((1, 16, 16, 16, 1)))
     return tasks.FrozenSegmenter(module=module, variables=variables,
-                                 qc_class=LabelTables.load(label_tables_dir()).qc_class)
+                                 labels=LabelTables.load(label_tables_dir()).segmentation)
 
 
 @needs_maps
@@ -139,12 +139,31 @@ def test_qc_learns_from_the_frozen_segmenters_own_predictions(params, label_map)
     assert task.n_outputs == 9 and float(np.mean(dice)) < 0.9   # a random network is no oracle
 
 
-def test_predictions_inputs_need_a_frozen_segmenter_and_the_qc_kind(params):
+@needs_maps
+def test_denoiser_learns_from_the_frozen_segmenters_own_predictions_in_groups(params, label_map):
+    """The denoiser's noisy input: the frozen network's argmax on the generated image of the same
+    key, mapped to the 5 denoiser groups; its target the generator's labels in groups."""
+    spec = tasks.ModelSpec.from_dict({"kind": "denoiser", "groups": "denoiser_2.0",
+                                      "inputs": "predictions", "nb_features": 4, "nb_levels": 3})
+    frozen = _frozen_segmenter()
+    task = tasks.Task(spec, params, frozen)
+    key = jax.random.key(9)
+    noisy, target = jax.jit(task.sample)(key, label_map, task.aux)
+    from generator.sampler import sample_with_info
+    image, _, info = sample_with_info(jax.random.split(key)[0], label_map, task.gparams)
+    predicted = np.argmax(np.asarray(frozen.module.apply(frozen.variables, image[None]))[0], -1)
+    groups = tasks.group_values(PRIORS, "denoiser_2.0", frozen.labels)
+    np.testing.assert_array_equal(np.argmax(np.asarray(noisy), -1), groups[predicted])
+    np.testing.assert_array_equal(target, task.target_lut[np.asarray(info["labels"])])
+    assert noisy.shape == target.shape + (5,)
+
+
+def test_predictions_inputs_need_a_frozen_segmenter_and_a_group_task(params):
     spec = tasks.ModelSpec.from_dict({"kind": "qc", "labels": "qc_2.0", "inputs": "predictions"})
     with pytest.raises(ValueError, match="frozen segmenter"):
         tasks.Task(spec, params)
-    with pytest.raises(ValueError, match="for the qc kind"):
-        tasks.ModelSpec.from_dict({"kind": "denoiser", "inputs": "predictions"})
+    with pytest.raises(ValueError, match="for the qc and denoiser kinds"):
+        tasks.ModelSpec.from_dict({"kind": "segmenter", "inputs": "predictions"})
     with pytest.raises(ValueError, match="unknown model inputs"):
         tasks.ModelSpec.from_dict({"kind": "qc", "inputs": "guesses"})
 
@@ -154,4 +173,4 @@ def test_frozen_segmenter_refuses_another_voxel_size():
     spec = tasks.ModelSpec.from_dict({"kind": "qc", "labels": "qc_2.0", "inputs": "predictions"})
     with pytest.raises(ValueError, match="trained at 2 mm.*4 mm"):
         tasks.load_frozen_segmenter(spec, 4.0)
-    assert tasks.load_frozen_segmenter(spec, 2.0).qc_class.shape == (33,)
+    assert tasks.load_frozen_segmenter(spec, 2.0).labels.shape == (33,)
