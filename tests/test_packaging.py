@@ -72,9 +72,10 @@ def test_wheel_carries_configs_model_and_label_tables(tmp_path):
     expected = {"synthseg_jax/configs/predict.yaml", "synthseg_jax/configs/train.yaml",
                 "synthseg_jax/configs/generator/default.yaml", "synthseg_jax/configs/model/tiny.yaml",
                 "synthseg_jax/default_model/synthseg_2.0.h5",
+                "synthseg_jax/default_model/synthseg_qc_2.0.h5",
                 "synthseg_jax/default_model/architecture.json",
                 "synthseg_jax/label_tables/LICENSE.txt",
                 "synthseg_jax/label_tables/synthseg_segmentation_labels_2.0.npy",
                 "synthseg_jax/inference/pipeline.py", "generator/sampler.py"}
     assert expected <= names, sorted(expected - names)
-    assert not [n for n in names if "cpu_2.0_run" in n]   # the training run stays in the repo
+    assert not [n for n in names if "_run/" in n]   # the training runs stay in the repo

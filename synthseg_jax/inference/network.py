@@ -137,6 +137,7 @@ class Networks:
     qc: nn.Module | None = None
     seg_voxel_size: float = 1.0               # mm; a coarser model runs on a pooled image
     qc_voxel_size: float = 1.0                # mm; a coarser QC model sees the majority class per block
+    qc_crop_size: int = QC_CROP_SIZE          # 1 mm voxels: the field the QC model was trained on
 
 
 def load_networks(models_dir: str, mode: Mode, labels_dir: str | None = None,
@@ -165,6 +166,8 @@ def load_networks(models_dir: str, mode: Mode, labels_dir: str | None = None,
             if voxel_sizes[kind] not in supported:
                 raise ModelError(f"{models.weights_file(kind)}: trained at {voxel_sizes[kind]:g} "
                                  f"mm; supported: {', '.join(f'{s:g}' for s in supported)} mm")
+        field = models.training_field_mm("qc") if mode.qc else None
+        qc_crop_size = int(round(field)) if field else QC_CROP_SIZE
     except (WeightFileError, LabelTableError) as err:
         raise ModelError(str(err).splitlines()[0]) from None
     except (OSError, KeyError, ValueError) as err:
@@ -178,7 +181,7 @@ def load_networks(models_dir: str, mode: Mode, labels_dir: str | None = None,
         qc_module, variables["qc"] = loaded["qc"]
     return Networks(tables=tables, segmenter=seg_module, variables=variables, parc=parc_module,
                     qc=qc_module, seg_voxel_size=voxel_sizes[mode.segmenter_kind],
-                    qc_voxel_size=voxel_sizes.get("qc", 1.0))
+                    qc_voxel_size=voxel_sizes.get("qc", 1.0), qc_crop_size=qc_crop_size)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -417,11 +420,11 @@ class NetworkOutput:
 class Predictor:
     """Runs the networks of one mode; one compiled executable per padded shape, kept for reuse."""
 
-    def __init__(self, networks: Networks, mode: Mode, qc_crop_size: int = QC_CROP_SIZE,
+    def __init__(self, networks: Networks, mode: Mode, qc_crop_size: int | None = None,
                  slabs: SlabBudget = SlabBudget()) -> None:
         self.networks = networks
         self.mode = mode
-        self.qc_crop_size = qc_crop_size
+        self.qc_crop_size = qc_crop_size or networks.qc_crop_size
         self.slabs = slabs
         tables = networks.tables
         self._flip = jnp.asarray(tables.flip, dtype=jnp.int32)

@@ -74,14 +74,14 @@ class PredictOptions:
     overwrite: bool                     # segment scans whose outputs are complete again
     shard: Shard | None                 # this process's part of the scans (K/N)
     overlap: bool                       # read scan k+1 and write scan k-1 while scan k runs
-    qc_crop_size: int                   # for tests only: the QC network's MakeShape size
+    qc_crop_size: int | None            # for tests only: the QC network's MakeShape size
     min_pad: Size3 | None               # for tests only: null is the original's rule
 
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 0:
             raise UsageError(f"threads: expected a number of threads, or 0 for all cores, "
                              f"got {self.threads}")
-        if self.qc_crop_size <= 0:
+        if self.qc_crop_size is not None and self.qc_crop_size <= 0:
             raise UsageError(f"qc_crop_size: expected a positive integer, got {self.qc_crop_size}")
         if self.robust and self.v1:
             raise UsageError("robust cannot be combined with v1: SynthSeg-robust only exists for 2.0")

@@ -137,7 +137,8 @@ def architecture(meta: Mapping[str, Any]) -> dict:
             "feat_mult", "activation", "batch_norm", "skip_n_concatenations")
     out = {k: model[k] for k in keys if k in model}
     out.update(n_outputs=meta["n_outputs"], in_channels=meta["in_channels"],
-               voxel_size=meta.get("voxel_size"), labels=meta.get("target_labels"))
+               voxel_size=meta.get("voxel_size"), labels=meta.get("target_labels"),
+               crop=meta.get("crop"))
     return out
 
 

@@ -204,15 +204,36 @@ class ModelsDir:
             f"export it again with python -m synthseg_jax.training.checkpoint RUN --models-dir "
             f"{self.path}, or add the entry to {ARCHITECTURE_FILE}")
 
-    def _architecture_voxel_size(self, kind: str) -> float | None:
+    def _architecture_stages(self, kind: str) -> tuple[str, dict]:
+        """(path, the ``architecture.json`` entries of ``kind``'s stages; empty if none)."""
         path = os.path.join(os.path.dirname(self.weights_file(kind)), ARCHITECTURE_FILE)
         if not os.path.isfile(path):
-            return None
+            return path, {}
         try:
             with open(path) as fh:
                 stages = json.load(fh).get(kind, {})
-            sizes = {float(stage.get("voxel_size") or 1.0) for stage in stages.values()}
+            if not all(isinstance(stage, dict) for stage in stages.values()):
+                raise ValueError(f"entry '{kind}' is not a mapping of stages")
         except (OSError, ValueError, AttributeError) as err:
+            raise WeightFileError(f"{path}: unreadable architecture file ({err})") from None
+        return path, stages
+
+    def training_field_mm(self, kind: str) -> float | None:
+        """The edge (mm) of the crops a network was trained on, if its export recorded them: the
+        QC model's spatial-mean head scales its scores with the share of the crop that is brain,
+        so it must see the field it was trained on (None: not recorded, as for the published)."""
+        path, stages = self._architecture_stages(kind)
+        fields = {float(stage["crop"][0]) * float(stage.get("voxel_size") or 1.0)
+                  for stage in stages.values() if stage.get("crop")}
+        if len(fields) > 1:
+            raise WeightFileError(f"{path}: the stages of '{kind}' disagree on the crop {sorted(fields)}")
+        return fields.pop() if fields else None
+
+    def _architecture_voxel_size(self, kind: str) -> float | None:
+        path, stages = self._architecture_stages(kind)
+        try:
+            sizes = {float(stage.get("voxel_size") or 1.0) for stage in stages.values()}
+        except (TypeError, ValueError) as err:
             raise WeightFileError(f"{path}: unreadable architecture file ({err})") from None
         if len(sizes) > 1:
             raise WeightFileError(f"{path}: the stages of '{kind}' disagree on the voxel size {sorted(sizes)}")

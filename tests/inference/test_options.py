@@ -23,7 +23,7 @@ def test_defaults_come_from_the_yaml():
     for name in ("parc", "robust", "fast", "v1", "ct", "keepgeom", "device", "progress",
                  "qc_crop_size", "threads", "models_dir"):
         assert getattr(opts, name) == defaults[name]
-    assert (opts.device, opts.progress, opts.qc_crop_size) == ("auto", True, 224)
+    assert (opts.device, opts.progress, opts.qc_crop_size) == ("auto", True, None)
 
 
 @pytest.mark.parametrize("word,value", [

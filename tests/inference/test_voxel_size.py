@@ -134,13 +134,18 @@ def test_coarse_model_flip_average_equals_the_1mm_definition(tmp_path, tiny_nets
 
 def test_coarse_qc_model_sees_the_segmentation_at_its_voxel_size(tmp_path, tiny_nets, labels_dir):
     """A QC model trained at 2 mm (the shipped one) scores the 1 mm segmentation's 2 mm majority
-    classes: a 32^3 crop reaches it as 16^3. Other voxel sizes are refused before any work."""
+    classes, in the field of view it was trained on (16^3 crops at 2 mm: a 32^3 crop at 1 mm,
+    seen as 16^3). Other voxel sizes are refused before any work."""
     save_keras_h5(tiny_nets["2.0"][2], str(tmp_path / "synthseg_2.0.h5"), voxel_size=1.0)
     save_keras_h5(tiny_nets["qc"][2], str(tmp_path / "synthseg_qc_2.0.h5"), voxel_size=2.0)
     mode = Mode(qc=True)
+    assert load_networks(str(tmp_path), mode, labels_dir).qc_crop_size == 224   # nothing recorded
+    (tmp_path / "architecture.json").write_text(json.dumps(
+        {"qc": {"qc": {"voxel_size": 2.0, "crop": [16, 16, 16]}}}))
     nets = load_networks(str(tmp_path), mode, labels_dir)
-    assert nets.qc_voxel_size == 2.0
-    predictor = Predictor(nets, mode, qc_crop_size=32)
+    assert nets.qc_voxel_size == 2.0 and nets.qc_crop_size == 32
+    predictor = Predictor(nets, mode)
+    assert predictor.qc_crop_size == 32
     image = jnp.asarray(np.random.default_rng(4).uniform(size=(32, 32, 32)), jnp.float32)
     out = jax.jit(predictor._forward)(predictor._variables, image)
     onehot = qc_one_hot(jnp.argmax(out["seg"], axis=-1)[None], jnp.asarray(nets.tables.qc_class),

@@ -20,8 +20,8 @@ def test_run_export_is_a_models_folder(tmp_path):
     assert summary["export"] == str(export / "synthseg_2.0.h5")
     assert read_voxel_size(summary["export"]) == 4.0
     arch = json.loads((export / "architecture.json").read_text())
-    assert arch["2.0"]["unet"]["voxel_size"] == 4.0
+    assert arch["2.0"]["unet"]["voxel_size"] == 4.0 and arch["2.0"]["unet"]["crop"] == [32, 32, 32]
     assert os.path.isfile(export / "synthseg_segmentation_labels_2.0.npy")
     models = ModelsDir(str(export))
-    assert models.voxel_size("2.0") == 4.0
+    assert models.voxel_size("2.0") == 4.0 and models.training_field_mm("2.0") == 128.0
     assert models.labels("2.0").n_labels == 33
