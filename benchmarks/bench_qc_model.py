@@ -5,12 +5,15 @@ goes through ``predict``'s whole pipeline with ``qc=``.
 Held-out synthetic images (label maps 19 and 20, which no training saw; random contrast,
 deformation and bias; several acquisition resolutions, the coarse ones where the segmenter
 fails more) are segmented; each QC class's true Dice is that of the segmentation's QC-class map
-against the generator's target's, over the whole volume. Prints, per QC class, the Pearson
+against the generator's target's, over the whole volume. ``--cut-fov`` adds, for every image, a
+copy whose field of view is cut (zeroed) from one side along a random axis, by 20-50 %: the
+segmentation misses what the scan does not show, as with a partial acquisition, and the QC scores
+should fall with the true Dice. Prints, per QC class, the Pearson
 correlation between predicted and true Dice over the images and the mean absolute error, and
 draws the scatter plots (``--png``).
 
     python benchmarks/bench_qc_model.py [--models-dir checkpoints] [--contrasts 3]
-        [--resolutions 1x1x1 1x1x5 3x3x3 1x1x9] [--png benchmarks/qc_model.png] [--json OUT]
+        [--resolutions 1x1x1 1x1x5 3x3x3 1x1x9] [--cut-fov] [--png benchmarks/qc_model.png] [--json OUT]
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resolutions", nargs="+", default=["1x1x1", "1x1x5", "3x3x3", "1x1x9"],
                    help="acquisition voxel sizes (mm, slice thickness = spacing)")
     p.add_argument("--seed", type=int, default=100, help="not bench_model_accuracy's 0: other images")
+    p.add_argument("--cut-fov", action="store_true", help="also every image with a cut field of view")
     p.add_argument("--work-dir", default=None)
     p.add_argument("--png", default=None, help="scatter plots of predicted against true Dice")
     p.add_argument("--json", default=None)
@@ -61,6 +65,28 @@ def qc_class_dice(seg: np.ndarray, target: np.ndarray, labels: np.ndarray, qc_cl
     for k in sorted(set(qc_class.tolist()) - {0}):
         p, t = pred == k, truth == k
         out[names[k]] = 2.0 * float(np.sum(p & t)) / max(float(p.sum() + t.sum()), 1.0)
+    return out
+
+
+def cut_field_of_view(cases: list[dict], seed: int) -> list[dict]:
+    """A copy of every case whose image is zeroed beyond a random plane: 20-50 % of the grid
+    along a random axis, from a random side. The target stays whole."""
+    import nibabel as nib
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for c in cases:
+        img = nib.load(c["image"])
+        data = np.asarray(img.dataobj, dtype=np.float32).copy()
+        axis, fraction = int(rng.integers(3)), float(rng.uniform(0.2, 0.5))
+        n = int(round(fraction * data.shape[axis]))
+        index = [slice(None)] * 3
+        index[axis] = slice(0, n) if rng.random() < 0.5 else slice(data.shape[axis] - n, None)
+        data[tuple(index)] = 0
+        image = c["image"].replace(".nii.gz", "_cut.nii.gz")
+        nib.save(nib.Nifti1Image(data, img.affine), image)
+        out.append({**c, "name": c["name"] + "_cut", "resolution": "cut field of view",
+                    "image": image, "seg": c["seg"].replace("_seg.nii.gz", "_cut_seg.nii.gz")})
     return out
 
 
@@ -91,7 +117,7 @@ def scatter(cases: list[dict], names: list[str], stats: dict, out: str) -> None:
         for res in resolutions:
             sel = [c for c in cases if c["resolution"] == res]
             ax.scatter([c["true"][name] for c in sel], [c["predicted"][name] for c in sel],
-                       s=14, label=f"{res} mm")
+                       s=14, label=f"{res} mm" if "x" in res else res)
         ax.plot([0, 1], [0, 1], color="grey", lw=0.8)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
@@ -123,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         work = args.work_dir or tmp
         os.makedirs(work, exist_ok=True)
         cases = make_synthetic(args, work)
+        if args.cut_fov:
+            cases += cut_field_of_view(cases, args.seed)
         qc_files = [os.path.join(work, f"{c['name']}_qc.csv") for c in cases]
         with open(os.path.join(work, "qc.txt"), "w") as fh:
             fh.write("\n".join(qc_files) + "\n")
@@ -147,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     per_class = [stats[n]["pearson"] for n in columns]
     print(f"\nmedian Pearson r over the {len(columns)} classes {np.nanmedian(per_class):.3f}; "
           f"{len(cases)} images ({len(args.maps)} maps x {len(args.resolutions)} resolutions x "
-          f"{args.contrasts} contrasts) in {time.perf_counter() - t0:.0f} s; models "
+          f"{args.contrasts} contrasts{', each also cut' if args.cut_fov else ''}) in {time.perf_counter() - t0:.0f} s; models "
           f"{args.models_dir}; host {host()}")
     if args.png:
         scatter(cases, columns, stats, args.png)
