@@ -32,7 +32,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
-from bench_model_accuracy import make_synthetic, segment  # noqa: E402
+from bench_cohort_throughput import host_cpu  # noqa: E402
+from bench_model_accuracy import dice_per_label, make_synthetic, segment  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,19 +54,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def qc_class_dice(seg: np.ndarray, target: np.ndarray, labels: np.ndarray, qc_class: np.ndarray,
                   names: dict[int, str]) -> dict[str, float]:
-    """Dice of every non-background QC class between two label maps (label values)."""
+    """Dice of every non-background QC class present in the target, between two label maps
+    (label values)."""
     lut = dict(zip(labels.tolist(), qc_class.tolist()))
 
     def classes(volume: np.ndarray) -> np.ndarray:
         values, inverse = np.unique(volume, return_inverse=True)
         return np.array([lut.get(int(v), 0) for v in values])[inverse].reshape(volume.shape)
 
-    pred, truth = classes(seg), classes(target)
-    out = {}
-    for k in sorted(set(qc_class.tolist()) - {0}):
-        p, t = pred == k, truth == k
-        out[names[k]] = 2.0 * float(np.sum(p & t)) / max(float(p.sum() + t.sum()), 1.0)
-    return out
+    scores = dice_per_label(classes(seg), classes(target), np.unique(qc_class[qc_class > 0]))
+    return {names[k]: v for k, v in scores.items()}
 
 
 def cut_field_of_view(cases: list[dict], seed: int) -> list[dict]:
@@ -98,10 +96,8 @@ def read_qc_csv(path: str) -> dict[str, float]:
 
 def host() -> str:
     with open("/proc/cpuinfo") as fh:
-        text = fh.read()
-    cpu = next((line.split(":", 1)[1].strip() for line in text.splitlines()
-                if line.startswith("model name")), "unknown CPU")
-    return f"{cpu}, {os.cpu_count()} cores, avx512_bf16 {'yes' if 'avx512_bf16' in text else 'no'}"
+        bf16 = "avx512_bf16" in fh.read()
+    return f"{host_cpu()}, {os.cpu_count()} cores, avx512_bf16 {'yes' if bf16 else 'no'}"
 
 
 def scatter(cases: list[dict], names: list[str], stats: dict, out: str) -> None:

@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # The installed package on its own: build the wheel, install it (not editable) into a fresh virtual
 # environment, and segment a small scan from a folder outside the checkout with the shipped model
-# (with its QC model),
-# through both entry points (mri_synthseg_jax, python -m synthseg_jax.predict). Needs .venv (for
-# nilearn's MNI T1, cropped to a small scan). Run by .ci/run.
+# (and its QC model), through both entry points (mri_synthseg_jax, python -m synthseg_jax.predict).
+# Needs .venv (for nilearn's MNI T1, cropped to a small scan). Run by .ci/run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO="$PWD"

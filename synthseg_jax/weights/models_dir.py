@@ -223,8 +223,11 @@ class ModelsDir:
         QC model's spatial-mean head scales its scores with the share of the crop that is brain,
         so it must see the field it was trained on (None: not recorded, as for the published)."""
         path, stages = self._architecture_stages(kind)
-        fields = {float(stage["crop"][0]) * float(stage.get("voxel_size") or 1.0)
-                  for stage in stages.values() if stage.get("crop")}
+        try:
+            fields = {float(stage["crop"][0]) * float(stage.get("voxel_size") or 1.0)
+                      for stage in stages.values() if stage.get("crop")}
+        except (TypeError, ValueError, IndexError) as err:
+            raise WeightFileError(f"{path}: unreadable architecture file ({err})") from None
         if len(fields) > 1:
             raise WeightFileError(f"{path}: the stages of '{kind}' disagree on the crop {sorted(fields)}")
         return fields.pop() if fields else None

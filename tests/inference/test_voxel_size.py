@@ -153,6 +153,9 @@ def test_coarse_qc_model_sees_the_segmentation_at_its_voxel_size(tmp_path, tiny_
     assert onehot.shape[1:4] == (16, 16, 16)
     expected = nets.qc.apply(predictor._variables["qc"], onehot)[0]
     np.testing.assert_allclose(np.asarray(out["qc"]), np.asarray(expected), rtol=1e-5, atol=1e-6)
+    (tmp_path / "architecture.json").write_text(json.dumps({"qc": {"qc": {"crop": 16}}}))
+    with pytest.raises(ModelError, match="architecture.json: unreadable architecture file"):
+        load_networks(str(tmp_path), mode, labels_dir)
     save_keras_h5(tiny_nets["qc"][2], str(tmp_path / "synthseg_qc_2.0.h5"), voxel_size=4.0)
     with pytest.raises(ModelError, match="trained at 4 mm; supported: 1, 2 mm"):
         load_networks(str(tmp_path), mode, labels_dir)
