@@ -22,6 +22,7 @@ steps). Compiled executables are cached by padded shape; each compilation is log
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -32,6 +33,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from synthseg_jax.inference.coarse import (
+    BoxPlan,
+    box_posteriors,
+    cell_bounds,
+    plan_box,
+    pool,
+    upsample_linear,
+)
 from synthseg_jax.inference.postprocess import (
     add_float32_sums,
     channel_groups,
@@ -199,33 +208,10 @@ def at_voxel_size(network: Any, x: jax.Array, voxel_size: float,
     factor = int(round(voxel_size))
     if factor <= 1:
         return coarse(network(x))
-    b, *spatial, c = x.shape
-    pooled = x.reshape(b, spatial[0] // factor, factor, spatial[1] // factor, factor,
-                       spatial[2] // factor, factor, c).mean(axis=(2, 4, 6))
-    logits = coarse(network(pooled))
+    logits = coarse(network(pool(x, factor)))
     for axis in (1, 2, 3):
         logits = upsample_linear(logits, axis, factor)
     return logits
-
-
-def upsample_linear(x: jax.Array, axis: int, factor: int) -> jax.Array:
-    """``jax.image.resize(..., method='linear')`` by an integer ``factor`` along one axis (same
-    half-voxel sample positions, edge values repeated), written as the two-tap stencil it is:
-    output ``factor * i + p`` mixes input ``i`` with its neighbour at ``(p + 0.5) / factor - 0.5``.
-    Equal to the resize within float rounding (2e-7 at factor 2); the shipped 2 mm network plus
-    upsampling and softmax ran 2.3x faster so on this CPU (measured in isolation, under load)."""
-    n = x.shape[axis]
-    index = jnp.arange(n)
-    before = jnp.take(x, jnp.maximum(index - 1, 0), axis=axis)
-    after = jnp.take(x, jnp.minimum(index + 1, n - 1), axis=axis)
-    phases = []
-    for p in range(factor):
-        offset = (p + 0.5) / factor - 0.5
-        neighbour = before if offset < 0 else after
-        phases.append(x if offset == 0 else (1 - abs(offset)) * x + abs(offset) * neighbour)
-    shape = list(x.shape)
-    shape[axis] = n * factor
-    return jnp.stack(phases, axis=axis + 1).reshape(shape)
 
 
 def gaussian_weights(sigma: float) -> np.ndarray:
@@ -421,9 +407,13 @@ class Predictor:
     """Runs the networks of one mode; one compiled executable per padded shape, kept for reuse."""
 
     def __init__(self, networks: Networks, mode: Mode, qc_crop_size: int | None = None,
-                 slabs: SlabBudget = SlabBudget()) -> None:
+                 slabs: SlabBudget = SlabBudget(), box: bool = True) -> None:
         self.networks = networks
         self.mode = mode
+        self._factor = int(round(networks.seg_voxel_size))
+        # a coarse segmenter's 1 mm work inside the box that can hold brain (coarse.py); False:
+        # on the whole grid, as __call__ always does
+        self.box = box and self._factor > 1 and not mode.robust and not mode.parc
         self.qc_crop_size = qc_crop_size or networks.qc_crop_size
         self.slabs = slabs
         tables = networks.tables
@@ -440,6 +430,8 @@ class Predictor:
         self._compiled_finish: dict[tuple[int, ...], Any] = {}
         self._compiled_parc: dict[tuple[int, ...], Any] = {}
         self._compiled_groups: dict[tuple[int, ...], Any] = {}   # robust: the first two stages
+        self._compiled_coarse: dict[tuple[int, ...], Any] = {}   # box path: the network
+        self._compiled_box: dict[tuple[tuple[int, ...], tuple[int, ...]], Any] = {}
         self.compile_seconds: dict[tuple[int, ...], float] = {}
 
     # The traced function -------------------------------------------------------------------
@@ -533,6 +525,109 @@ class Predictor:
                                 self.qc_crop_size, int(round(nets.qc_voxel_size)))
             out["qc"] = nets.qc.apply(variables["qc"], onehot)[0]
         return out
+
+    # The box path of a coarse segmenter (coarse.py) ------------------------------------------
+    def _coarse_stage(self, variables: dict[str, Any], image: jax.Array) -> dict[str, jax.Array]:
+        """The network's passes as logits at its voxel size (the flipped one flipped back), and
+        the bounds that place the box."""
+        x = pool(image[None, ..., None], self._factor)
+        net = lambda z: self.networks.segmenter.apply(variables["seg"], z)  # noqa: E731
+        logits = net(x)
+        if self.mode.flip:
+            back = jnp.take(jnp.flip(net(jnp.flip(x, axis=1)), axis=1), self._flip, axis=-1)
+            logits = jnp.concatenate([logits, back])
+        return {"logits": logits, **cell_bounds(logits)}
+
+    def _box_stage(self, variables: dict[str, Any], logits: jax.Array, start: jax.Array,
+                   size: tuple[int, int, int]) -> dict[str, jax.Array]:
+        """``_forward``'s 1 mm part inside the box: posteriors, clean-up masks, QC (whose input,
+        the whole grid's labels, is background outside the box)."""
+        mode, factor = self.mode, self._factor
+        blurred = box_posteriors(logits, start, size, factor, blur_padded_scaled)
+        # fast mode's segmentation is the unblurred posteriors when QC is requested (_forward)
+        seg = box_posteriors(logits, start, size, factor, None) if mode.is_fast and mode.qc else blurred
+        out = {"seg": seg, **cleanup_masks(seg, self._groups, mode.is_fast)}
+        if mode.qc:
+            grid = tuple(n * factor for n in logits.shape[1:4])
+            index = jax.lax.dynamic_update_slice(jnp.zeros(grid, jnp.int32),
+                                                 jnp.argmax(blurred, axis=-1).astype(jnp.int32),
+                                                 tuple(start * factor))
+            onehot = qc_one_hot(index[None], self._qc_class, self._n_qc, self.qc_crop_size,
+                                int(round(self.networks.qc_voxel_size)))
+            out["qc"] = self.networks.qc.apply(variables["qc"], onehot)[0]
+        return out
+
+    def _compiled_box_path(self, shape: tuple[int, ...], size: tuple[int, int, int] | None = None):
+        """The box path's network program for ``shape`` or, given the box ``size`` (cells), its
+        1 mm program and finishing program."""
+        spec = jax.ShapeDtypeStruct(shape, jnp.float32)
+        if size is None:
+            if shape not in self._compiled_coarse:
+                log.info("compiling %s (network) for padded shape %s", self.mode.describe(), shape)
+                lowered = jax.jit(self._coarse_stage).lower(self._variables, spec)
+                self._compiled_coarse[shape] = lowered.compile(compiler_options=COMPILER_OPTIONS)
+            return self._compiled_coarse[shape]
+        if (shape, size) not in self._compiled_box:
+            log.info("compiling %s (1 mm box of %s cells) for padded shape %s",
+                     self.mode.describe(), size, shape)
+            logits = jax.eval_shape(self._coarse_stage, self._variables, spec)["logits"]
+            lowered = jax.jit(functools.partial(self._box_stage, size=size)).lower(
+                self._variables, logits, jax.ShapeDtypeStruct((3,), jnp.int32))
+            # with XLA's default fusions (YNNPACK's): 1.8x faster here than COMPILER_OPTIONS's,
+            # which keep the whole grid's posteriors single; the box's are a fraction of those.
+            # The finishing program is 2x slower so and keeps them.
+            box_shape = tuple(n * self._factor for n in size)
+            self._compiled_box[shape, size] = (lowered.compile(), self._compile_finish(box_shape))
+        return self._compiled_box[shape, size]
+
+    def _predict_in_box(self, image: np.ndarray, pad_idx: np.ndarray, posteriors: bool,
+                        volume_dtype, alignment) -> PaddedResult:
+        """``predict`` by the box path: the same results, the 1 mm work only inside the box."""
+        shape = tuple(image.shape)
+        seconds = {}
+        start = time.perf_counter()
+        if shape not in self._compiled_coarse:
+            self._compiled_box_path(shape)
+            self.compile_seconds[shape] = time.perf_counter() - start
+        seconds["compile"] = time.perf_counter() - start
+        start = time.perf_counter()
+        first = self._compiled_coarse[shape](self._variables, image)
+        plan = plan_box(np.asarray(first["share"]), np.asarray(first["sure"]), pad_idx,
+                        self._factor)
+        seconds["network"] = time.perf_counter() - start
+        start = time.perf_counter()
+        box_stage, finish = self._compiled_box_path(shape, plan.size)
+        seconds["compile"] += time.perf_counter() - start
+        start = time.perf_counter()
+        out = box_stage(self._variables, first["logits"], np.asarray(plan.start, np.int32))
+        brain = np.asarray(out["brain"])
+        class_masks = None if self.mode.is_fast else np.asarray(out["classes"])
+        seconds["network"] += time.perf_counter() - start
+        start = time.perf_counter()
+        lo = np.asarray(plan.voxel_start)
+        box_idx = np.concatenate([np.clip(pad_idx[:3] - lo, 0, plan.voxel_size),
+                                  np.clip(pad_idx[3:] - lo, 0, plan.voxel_size)]).astype(np.int32)
+        brain_keep, class_keep = keep_masks(brain, class_masks, box_idx, self.mode.is_fast)
+        seconds["components"] = time.perf_counter() - start
+        start = time.perf_counter()
+        fin = finish(out["seg"], brain_keep, class_keep, None)
+        seg = np.full(shape, int(self._labels[0]), dtype=np.int32)
+        seg[plan.window()] = np.asarray(fin["seg"])
+        post_box = np.asarray(fin["posteriors"])
+        post = None
+        if posteriors:   # background 1 outside the box, as post-processing leaves it
+            post = np.zeros(shape + post_box.shape[-1:], np.float32)
+            post[..., 0] = 1.0
+            post[plan.window()] = post_box
+        seconds["postprocess"] = time.perf_counter() - start
+        start = time.perf_counter()
+        # outside the box every non-background posterior is 0: the sums skip only zeros
+        sums = original_sums(post_box, box_idx, volume_dtype, alignment)
+        seconds["volumes"] = time.perf_counter() - start
+        return PaddedResult(seg=seg, posteriors=post, sums=sums, parc_sums=None,
+                            parc_posteriors=None,
+                            qc_scores=np.asarray(out["qc"]) if "qc" in out else None,
+                            seconds=seconds)
 
     def _robust_groups(self, variables: dict[str, Any], image: jax.Array) -> jax.Array:
         return robust_groups(self.networks.segmenter, variables["seg"], image[None, ..., None],
@@ -676,9 +771,12 @@ class Predictor:
         asked for. The volumes' sums are taken on the host as the original takes them
         (``original_sums``: ``volume_dtype`` float32 unless the scan was cropped, then float64;
         ``alignment`` the scan's RAS alignment, which sets the order of the additions)."""
+        image = np.asarray(image, dtype=np.float32)
+        pad_idx = np.asarray(pad_idx, dtype=np.int32)
+        if self.box:
+            return self._predict_in_box(image, pad_idx, posteriors, volume_dtype, alignment)
         seconds = {}
         start = time.perf_counter()
-        image = np.asarray(image, dtype=np.float32)
         self.compiled(image.shape)
         seconds["compile"] = time.perf_counter() - start
         start = time.perf_counter()
@@ -687,7 +785,6 @@ class Predictor:
         class_masks = None if self.mode.is_fast else np.asarray(out["classes"])
         seconds["network"] = time.perf_counter() - start
         start = time.perf_counter()
-        pad_idx = np.asarray(pad_idx, dtype=np.int32)
         brain_keep, class_keep = keep_masks(brain, class_masks, pad_idx, self.mode.is_fast)
         seconds["components"] = time.perf_counter() - start
         start = time.perf_counter()
