@@ -251,6 +251,8 @@ def main() -> None:
     if args.inner:
         return inner(args)
     prepare_inputs(args)
+    if not os.path.isfile(args.input):   # else every run fails inside its process, unseen
+        parser.error(f"{args.input}: no such scan")
     ours, original = [], {}
     for mode in args.modes.split(","):
         for precision in args.precisions.split(","):

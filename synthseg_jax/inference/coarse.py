@@ -17,10 +17,11 @@ Where the network is sure of the background, they can be skipped exactly:
   volume 0: the whole pipeline's result there is known without computing it.
 
 So the coarse cells where any pass's non-background share exceeds ``ACTIVE_THRESHOLD`` are found
-at the network's resolution (``active_cells``), and the 1 mm work runs on their bounding box grown
-by the reach of the upsampling and the blur (``BoxPlan``), rounded up to ``BUCKET_CELLS`` so that
-similar scans share a compiled program. Results equal the whole-grid path's up to float rounding
-(``tests/inference/test_coarse_box.py``).
+at the network's resolution (``cell_bounds``), grown by the reach of the upsampling and the blur;
+the groups of them too small to hold the brain mask's largest component (which the clean-up
+keeps alone) are dropped, and the 1 mm work runs on the bounding box of the rest (``plan_box``),
+rounded up to ``BUCKET_CELLS`` so that similar scans share a compiled program. Results equal the
+whole-grid path's up to float rounding (``tests/inference/test_coarse_box.py``).
 """
 
 from __future__ import annotations

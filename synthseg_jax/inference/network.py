@@ -34,7 +34,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from synthseg_jax.inference.coarse import (
-    BoxPlan,
     box_posteriors,
     cell_bounds,
     plan_box,
