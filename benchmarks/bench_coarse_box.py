@@ -22,8 +22,8 @@ sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
 import numpy as np  # noqa: E402
 
-from bench_cohort_throughput import host_cpu  # noqa: E402
 from bench_lowres_path import mni_t1  # noqa: E402
+from bench_qc_model import host  # noqa: E402
 from synthseg_jax.inference.network import Mode, Predictor, load_networks  # noqa: E402
 from synthseg_jax.inference.preprocess import preprocess  # noqa: E402
 from synthseg_jax.package_data import label_tables_dir  # noqa: E402
@@ -60,7 +60,8 @@ def main() -> None:
             sys.exit(f"{args.models}: the segmenter is not a coarse model; no box path to measure")
         box, box_s, box_stages = timed_predictions(box_predictor, prep, args.repeats)
         whole, whole_s, whole_stages = timed_predictions(whole_predictor, prep, args.repeats)
-        box_voxels = sum(np.prod(plan[1]) * 8 for plan in box_predictor._compiled_box)
+        box_voxels = sum(np.prod(size) * box_predictor._factor ** 3
+                         for _, size in box_predictor._compiled_box)
         labelled = (box.seg > 0) | (whole.seg > 0)
         qc = (float(np.max(np.abs(box.qc_scores - whole.qc_scores)))
               if box.qc_scores is not None else None)
@@ -70,8 +71,7 @@ def main() -> None:
                      float(np.max(np.abs(box.posteriors - whole.posteriors))),
                      float(np.max(np.abs(box.sums / whole.sums - 1))), qc))
 
-    bf16 = "avx512_bf16" in open("/proc/cpuinfo").read()
-    print(f"host: {host_cpu()}, {os.cpu_count()} cores, avx512_bf16 {'yes' if bf16 else 'no'}; load {' '.join(f'{v:.1f}' for v in os.getloadavg())}; "
+    print(f"host: {host()}; load {' '.join(f'{v:.1f}' for v in os.getloadavg())}; "
           f"padded grid {prep.image.shape}")
     print("\n| mode | whole grid s | box s | speed-up | box / grid | labels equal, % of grid | "
           "% of labelled | max posterior difference | max volume sum difference | "
