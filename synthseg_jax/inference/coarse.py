@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -155,13 +154,13 @@ def upsample_linear(x: jax.Array, axis: int, factor: int) -> jax.Array:
 
 
 def box_posteriors(logits: jax.Array, start: jax.Array, size: tuple[int, int, int], factor: int,
-                   blur_padded: Callable[[jax.Array], jax.Array] | None) -> jax.Array:
-    """The averaged (and blurred) 1 mm posteriors of the box of cells ``start`` (traced) +
-    ``size`` (static) from the passes' coarse logits (P, X, Y, Z, C): the same values as
-    upsampling, softmax, averaging (and blurring) the whole grid, then cutting the box out.
+                   margin: int = 0) -> jax.Array:
+    """The averaged 1 mm posteriors of the box of cells ``start`` (traced) + ``size`` (static)
+    from the passes' coarse logits (P, X, Y, Z, C), grown by ``margin`` voxels each way: the same
+    values as upsampling, softmax and averaging the whole grid, then cutting the box out.
 
-    ``blur_padded`` (None: no blur) blurs a (1, X, Y, Z, C) block grown by the blur's 1-voxel
-    margin, which holds zeros beyond the grid, as the whole grid's 'SAME' blur pads."""
+    The margin (at most ``REACH_CELLS * factor``) is what a blur of that reach needs; its voxels
+    beyond the grid hold zeros, as the whole grid's 'SAME' blur pads."""
     reach = REACH_CELLS
     grid = logits.shape[1:4]
     # edge-repeated cells beyond the grid: what the whole grid's upsampling repeats at its edges
@@ -172,8 +171,6 @@ def box_posteriors(logits: jax.Array, start: jax.Array, size: tuple[int, int, in
     for axis in (1, 2, 3):
         block = upsample_linear(block, axis, factor)
     post = jnp.mean(jax.nn.softmax(block, axis=-1), axis=0)
-    # the 1 mm voxels of the box and one more each way (the blur's reach)
-    margin = 0 if blur_padded is None else 1
     cut = reach * factor - margin
     post = post[cut:post.shape[0] - cut, cut:post.shape[1] - cut, cut:post.shape[2] - cut]
     for axis in range(3):
@@ -181,6 +178,4 @@ def box_posteriors(logits: jax.Array, start: jax.Array, size: tuple[int, int, in
         index = jax.lax.broadcasted_iota(jnp.int32, post.shape[:3], axis) + first
         inside = (index >= 0) & (index < grid[axis] * factor)
         post = jnp.where(inside[..., None], post, 0.0)
-    post = post if blur_padded is None else blur_padded(post[None])[0]
-    # computed once: XLA would otherwise fuse the blur's 27 terms into each consumer
-    return jax.lax.optimization_barrier(post)
+    return post
