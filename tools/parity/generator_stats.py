@@ -6,6 +6,9 @@ is one number per sample, chosen so that a wrong generator step moves its distri
 
 * ``median/<label>``, ``spread/<label>``: median and inter-quartile range of the image inside
   each target label but 0 (GMM priors, clipping, normalisation, gamma);
+* ``pooled/median``, ``pooled/spread``: the mean of those medians and IQRs over the labels the
+  sample holds, one number each: a shift common to all structures (normalisation, gamma, noise
+  level) that each label's own test is too weak to see adds up here;
 * ``median/background``, ``spread/background``: the same inside generation label 0 only (the
   true background), from the crop's generation labels that both sides save (``generation``).
   Target label 0 is not used: the output tables map 15 other generation labels (extra-cerebral
@@ -92,6 +95,9 @@ def intensity_stats(image: np.ndarray, target: np.ndarray, labels: Sequence[int]
     for lab in labels:
         if lab != 0:
             out[f'median/{lab}'], out[f'spread/{lab}'] = _median_spread(image[target == lab])
+    for kind in ('median', 'spread'):
+        values = [v for k, v in out.items() if k.startswith(f'{kind}/') and not math.isnan(v)]
+        out[f'pooled/{kind}'] = float(np.mean(values)) if values else math.nan
     if generation is not None:
         out['median/background'], out['spread/background'] = _median_spread(image[generation == BACKGROUND])
 

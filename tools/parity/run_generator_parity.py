@@ -136,8 +136,9 @@ def markdown(setting: str, rows: List[dict]) -> str:
     return '\n'.join(lines)
 
 
-def picture(png: str, per_setting: Dict[str, tuple]) -> None:
-    """Rows: setting x map; columns: the original's three central slices, then ours."""
+def picture(png: str, per_setting: Dict[str, tuple], caption: str) -> None:
+    """Rows: setting x map; columns: the original's three central slices, then ours; the
+    comparison's outcome as the title."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -158,6 +159,7 @@ def picture(png: str, per_setting: Dict[str, tuple]) -> None:
             if r == 0:
                 ax.set_title(('original ' if c < 3 else 'ours ') + ('sagittal', 'coronal', 'axial')[c % 3], fontsize=9)
         axes[r, 0].set_ylabel(title, fontsize=8)
+    fig.suptitle(caption, fontsize=9)
     fig.tight_layout()
     fig.savefig(png, dpi=60)
     plt.close(fig)
@@ -251,7 +253,10 @@ def main(argv=None) -> int:
     if a.only:
         return 0
     if a.png:
-        picture(a.png, folders)
+        caption = (f"{a.shape}^3, {len(seeds) * len(paths) * a.n_per_map} samples a side; " + '; '.join(
+            f"{k}: {v['separated']} of {v['tested']} statistics separate" for k, v in results.items())
+            + f" (Bonferroni {a.alpha:g}); first sample of seed {seeds[0]} per map, independent draws")
+        picture(a.png, folders, caption)
     if a.json:
         with open(a.json, 'w') as f:
             json.dump(results, f, indent=1)
