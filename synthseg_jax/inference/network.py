@@ -542,12 +542,14 @@ class Predictor:
         """``_forward``'s 1 mm part inside the box: posteriors, clean-up masks, QC (whose input,
         the whole grid's labels, is background outside the box)."""
         mode, factor = self.mode, self._factor
-        # computed once each: XLA would otherwise fuse the upsampling and the blur's 27 terms
-        # into each consumer
-        raw = jax.lax.optimization_barrier(box_posteriors(logits, start, size, factor, margin=1))
-        blurred = jax.lax.optimization_barrier(blur_padded_scaled(raw[None])[0])
         # fast mode's segmentation is the unblurred posteriors when QC is requested (_forward)
-        seg = raw[1:-1, 1:-1, 1:-1] if mode.is_fast and mode.qc else blurred
+        two_consumers = mode.is_fast and mode.qc
+        raw = box_posteriors(logits, start, size, factor, margin=1)
+        # computed once: XLA would otherwise fuse the upsampling (raw, when the segmentation
+        # also reads it) and the blur's 27 terms into each consumer
+        raw = jax.lax.optimization_barrier(raw) if two_consumers else raw
+        blurred = jax.lax.optimization_barrier(blur_padded_scaled(raw[None])[0])
+        seg = raw[1:-1, 1:-1, 1:-1] if two_consumers else blurred
         out = {"seg": seg, **cleanup_masks(seg, self._groups, mode.is_fast)}
         if mode.qc:
             grid = tuple(n * factor for n in logits.shape[1:4])

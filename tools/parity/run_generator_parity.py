@@ -203,16 +203,16 @@ def main(argv=None) -> int:
     a.synthseg, a.priors = os.path.abspath(a.synthseg), os.path.abspath(a.priors)
     from generator import build_params, load_config, load_label_maps
     results, folders, passed, failed = {}, {}, 0, 0
+    seeds = [int(v) for v in a.seeds.split(',')]
     for setting in a.settings.split(','):
         folder = os.path.join(a.work_dir, str(a.shape), setting)
         os.makedirs(folder, exist_ok=True)
-        folders[setting] = (folder, len(paths), int(a.seeds.split(',')[0]))
+        folders[setting] = (folder, len(paths), seeds[0])
         name, overrides = generator_settings.ours(setting)
         params = build_params(load_config(name, overrides))
         values = np.asarray(params.output_values, np.int64)
         labels_npy = os.path.join(folder, 'output_labels.npy')   # the same target table for both sides
         np.save(labels_npy, values)
-        seeds = [int(v) for v in a.seeds.split(',')]
         timing = {}
         for side in ('original', 'ours'):
             if a.only and side != a.only:
