@@ -42,6 +42,7 @@ class TrainSection:
     held_out: Tuple[str, ...]
     max_maps: Optional[int]
     label_downsample: int
+    network_pooling: int
     checkpoint_every: int
     keep_checkpoints: Optional[int]
     async_checkpointing: bool
@@ -62,6 +63,7 @@ class TrainSection:
         _positive("train.batch_size", self.batch_size)
         _positive("train.checkpoint_every", self.checkpoint_every)
         _positive("train.label_downsample", self.label_downsample)
+        _positive("train.network_pooling", self.network_pooling)
         for key in ("wl2_steps", "freeze_levels"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")

@@ -187,16 +187,18 @@ class Run:
             jax.distributed.initialize()
         self.spec = self.config.model
         gcfg = self.config.generator
-        bad = [s for s in gcfg.output_shape if s % self.spec.size_multiple]
+        multiple = self.spec.size_multiple * train.network_pooling
+        bad = [s for s in gcfg.output_shape if s % multiple]
         if bad:
             raise ValueError(f"generator.output_shape {list(gcfg.output_shape)} must be a multiple "
-                             f"of {self.spec.size_multiple} for a {self.spec.nb_levels}-level network")
+                             f"of {multiple} for a {self.spec.nb_levels}-level network"
+                             + (f" pooled {train.network_pooling} times" if train.network_pooling > 1 else ""))
         self.data = load_training_data(self.spec, gcfg, held_out=train.held_out,
                                        max_maps=train.max_maps, downsample=train.label_downsample,
                                        label_dir=train.label_dir)
         frozen = load_frozen_segmenter(self.spec, self.data.gcfg.atlas_res) \
             if self.spec.inputs == "predictions" else None
-        self.task = Task(self.spec, self.data.params, frozen)
+        self.task = Task(self.spec, self.data.params, frozen, pooling=train.network_pooling)
         self.module = self.task.module()
         self.seed = self.config.seed
         self.batch_size = train.batch_size
@@ -228,7 +230,7 @@ class Run:
         self._eval = jax.jit(lambda v, x, y: self.task.evaluate(self.module.apply(v, x), y))
         self._eval_own_stats = jax.jit(lambda v, x, y: self.task.evaluate(
             self.module.apply(v, x, train=True, mutable=["batch_stats"])[0], y))
-        self._forward_mni = jax.jit(mni_forward(self.module.apply, self.data.gcfg.atlas_res))
+        self._forward_mni = jax.jit(mni_forward(self.module.apply, self.task.network_voxel))
         self.wl2_steps = train.wl2_steps if "wl2" in self.task.phases else 0
 
     # ---- data
@@ -251,8 +253,8 @@ class Run:
         return {"model": self.spec.flat_dict(self.task.n_outputs), "n_outputs": int(self.task.n_outputs),
                 "in_channels": int(self.task.in_channels),
                 "target_labels": [int(v) for v in self.task.target_labels],
-                "voxel_size": float(self.data.gcfg.atlas_res),
-                "crop": [int(s) for s in self.data.gcfg.output_shape],
+                "voxel_size": float(self.task.network_voxel),
+                "crop": list(self.task.crop_shape),
                 "priors_dir": resolve_path(self.data.gcfg.priors_dir),
                 "train_maps": [os.path.basename(p) for p in self.data.train_paths],
                 "held_out": [os.path.basename(p) for p in self.data.val_paths]}
@@ -306,7 +308,7 @@ class Run:
         if not self.val_cfg.mni or self.spec.kind != "segmenter" \
                 or not (self.spec.mni_wm and self.spec.mni_gm):
             return None
-        return load_mni(self.data.gcfg.atlas_res, self.spec.size_multiple)
+        return load_mni(self.task.network_voxel, self.spec.size_multiple)
 
 
 class StopRequest:
@@ -417,7 +419,8 @@ def _train(cfg: TrainConfig | Mapping, stop: StopRequest) -> dict:
     rng = jax.random.wrap_key_data(jax.device_get(state.rng))
     if main:
         print(f"[train] {r.spec.name} ({r.spec.kind}): {r.n_train} training maps, "
-              f"crop {list(r.data.gcfg.output_shape)} at {r.data.gcfg.atlas_res:g} mm, "
+              f"crop {list(r.task.crop_shape)} at {r.task.network_voxel:g} mm"
+              + (f" (generated at {r.data.gcfg.atlas_res:g} mm, pooled)" if r.task.pooling > 1 else "") + ", "
               f"batch {r.batch_size} on {r.trainer.n_devices} device(s), steps {start} -> "
               f"{r.total_steps}, run folder {r.out_dir}", flush=True)
     bar = tqdm(total=r.total_steps, initial=start, disable=not main or train.quiet,

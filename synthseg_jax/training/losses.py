@@ -68,9 +68,11 @@ def qc_regression_loss(predicted: jax.Array, target: jax.Array) -> jax.Array:
     return jnp.sum(jnp.mean(jnp.square(target - predicted), axis=0))
 
 
-def segmentation_loss(kind: str, logits: jax.Array, target_indices: jax.Array) -> jax.Array:
-    """The loss of a segmentation network on integer targets: ``'wl2'`` or ``'dice'``."""
-    target = one_hot(target_indices, logits.shape[-1], logits.dtype)
+def segmentation_loss(kind: str, logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """The loss of a segmentation network, ``'wl2'`` or ``'dice'``, on integer targets or on
+    per-label shares shaped like the logits (a coarse network's cells, ``train.network_pooling``)."""
+    target = targets.astype(logits.dtype) if targets.ndim == logits.ndim else \
+        one_hot(targets, logits.shape[-1], logits.dtype)
     if kind == "wl2":
         return weighted_l2(logits, target)
     if kind == "dice":

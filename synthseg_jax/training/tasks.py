@@ -47,6 +47,7 @@ from generator import spatial
 from generator.sampler import (GeneratorConfig, SamplerParams, build_params, list_label_maps,
                                load_label_maps, output_values, resolve_path, sample_labels,
                                sample_with_info)
+from synthseg_jax.inference.coarse import pool
 from synthseg_jax.nn.synthseg import QCRegressor, Segmenter
 from synthseg_jax.nn.unet import EncoderConfig, UNetConfig
 from synthseg_jax.training import losses
@@ -266,17 +267,27 @@ class Task:
     """
 
     def __init__(self, spec: ModelSpec, params: SamplerParams,
-                 frozen: "FrozenSegmenter | None" = None):
+                 frozen: "FrozenSegmenter | None" = None, pooling: int = 1):
         """``params``: the generator's resolved tables for this task's label maps
         (:attr:`TrainingData.params`); ``frozen``: the segmenter whose predictions a QC or
-        denoiser task with ``inputs: predictions`` learns from (:func:`load_frozen_segmenter`)."""
+        denoiser task with ``inputs: predictions`` learns from (:func:`load_frozen_segmenter`);
+        ``pooling`` (``train.network_pooling``): the network works this many times coarser than
+        the generator, on the average-pooled image, against each cell's share of every label."""
         if (spec.inputs == "predictions") != (frozen is not None):
             raise ValueError("a frozen segmenter goes with model inputs 'predictions', and only with them")
+        if pooling > 1 and spec.kind != "segmenter":
+            raise ValueError(f"train.network_pooling {pooling} is for segmenters, not a {spec.kind} model")
+        bad = [s for s in params.config.output_shape if s % pooling]
+        if bad:
+            raise ValueError(f"generator.output_shape {list(params.config.output_shape)} must be a "
+                             f"multiple of train.network_pooling {pooling}")
         self.spec = spec
         self.frozen = frozen
+        self.pooling = int(pooling)
         self.gparams = params.with_config(target="indices")
         self.gcfg = self.gparams.config
         self.voxel = float(self.gcfg.atlas_res)
+        self.network_voxel = self.voxel * self.pooling
         kind = spec.kind
         labels = spec.labels
         if kind == "denoiser":
@@ -317,7 +328,8 @@ class Task:
 
     @property
     def crop_shape(self) -> tuple[int, ...]:
-        return tuple(int(s) for s in self.gcfg.output_shape)
+        """The network's input shape (the generator's crop, pooled)."""
+        return tuple(int(s) // self.pooling for s in self.gcfg.output_shape)
 
     # ---- data
     @property
@@ -353,6 +365,9 @@ class Task:
         labels = info["labels"].astype(jnp.int32)
         target = lut[labels]
         if kind == "segmenter":
+            if self.pooling > 1:
+                return (pool(image[None], self.pooling)[0],
+                        pool(losses.one_hot(target[None], self.n_outputs, image.dtype), self.pooling)[0])
             return image, target
         if kind == "parc":
             cortex = (target > 0).astype(jnp.int32)
@@ -389,6 +404,8 @@ class Task:
         the target (segmentation kinds) or mean absolute error of the predicted Dice (QC)."""
         if self.spec.kind == "qc":
             return {"qc_mae": jnp.mean(jnp.abs(outputs - targets))}
+        if targets.ndim == outputs.ndim:        # label shares (network_pooling): their argmax
+            targets = jnp.argmax(targets, -1)
         pred = jnp.argmax(outputs, -1)
         dice, present = jax.vmap(lambda p, t: losses.hard_dice(p, t, self.n_outputs))(pred, targets)
         present = present.at[:, 0].set(False)

@@ -103,6 +103,34 @@ def test_segmenter_sample_and_evaluation(params, label_map):
     assert float(task.evaluate(wrong, target[None])["dice"]) == 0.0
 
 
+@needs_maps
+def test_pooled_segmenter_learns_each_cells_label_shares(params, label_map):
+    """train.network_pooling: the same generated pair, the image average-pooled (as prediction
+    pools a scan for a coarser network) and the targets each cell's share of every label."""
+    fine = tasks.Task(tasks.ModelSpec(), params)
+    coarse = tasks.Task(tasks.ModelSpec(), params, pooling=2)
+    key = jax.random.key(4)
+    image, target = jax.jit(fine.sample)(key, label_map)
+    pooled, shares = jax.jit(coarse.sample)(key, label_map)
+    assert coarse.crop_shape == (16, 16, 16) and coarse.network_voxel == 2 * fine.network_voxel
+    expected = np.asarray(image).reshape(16, 2, 16, 2, 16, 2, 1).mean(axis=(1, 3, 5))
+    np.testing.assert_allclose(pooled, expected, rtol=1e-6)
+    one_hot = np.eye(coarse.n_outputs, dtype=np.float32)[np.asarray(target)]
+    np.testing.assert_allclose(shares, one_hot.reshape(16, 2, 16, 2, 16, 2, -1).mean(axis=(1, 3, 5)),
+                               atol=1e-6)
+    assert 0 < np.mean(np.max(np.asarray(shares), -1) < 1) < 1        # mixed cells on boundaries
+    perfect = jnp.log(shares + 1e-6)[None]
+    assert float(coarse.evaluate(perfect, shares[None])["dice"]) == pytest.approx(1.0)
+    indices = jnp.argmax(shares, -1)[None]
+    for phase in ("wl2", "dice"):       # one-hot shares are the integer targets' loss
+        np.testing.assert_allclose(coarse.loss(phase, perfect, jax.nn.one_hot(indices, coarse.n_outputs)),
+                                   coarse.loss(phase, perfect, indices), rtol=1e-6)
+    with pytest.raises(ValueError, match="network_pooling 2 is for segmenters"):
+        tasks.Task(tasks.ModelSpec.from_dict({"kind": "qc", "labels": "qc_2.0"}), params, pooling=2)
+    with pytest.raises(ValueError, match="multiple of train.network_pooling 3"):
+        tasks.Task(tasks.ModelSpec(), params, pooling=3)
+
+
 def _frozen_segmenter(n_labels=33):
     from synthseg_jax.labels import LabelTables
     from synthseg_jax.nn.synthseg import Segmenter
