@@ -40,19 +40,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def coarse_to_fine(volume: np.ndarray, factor: float, fine_shape: tuple[int, ...], order: int) -> np.ndarray:
-    """Resample a coarse-grid volume onto the 1 mm grid it came from, voxel centres aligned
-    (fine voxel i lies at coarse coordinate (i + 0.5) / factor - 0.5)."""
+def cell_centres(fine_shape: tuple[int, ...], factor: float) -> list[np.ndarray]:
+    """Per axis, the 1 mm coordinates of the coarse cells' centres (the cells that fit whole)."""
+    return [(np.arange(int(np.floor(n / factor))) + 0.5) * factor - 0.5 for n in fine_shape]
+
+
+def coarse_to_fine(volume: np.ndarray, factor: float, fine_shape: tuple[int, ...]) -> np.ndarray:
+    """Linear resampling of a coarse-grid volume onto the 1 mm grid it came from, voxel centres
+    aligned (fine voxel i lies at coarse coordinate (i + 0.5) / factor - 0.5), as predict does."""
     coords = np.meshgrid(*[(np.arange(n) + 0.5) / factor - 0.5 for n in fine_shape], indexing="ij")
-    return ndimage.map_coordinates(volume, coords, order=order, mode="nearest")
+    return ndimage.map_coordinates(volume, coords, order=1, mode="nearest")
 
 
-def fine_to_coarse(volume: np.ndarray, factor: float, order: int) -> np.ndarray:
-    """The coarse grid's samples of a 1 mm volume at the cell centres (order 0: the voxel
-    nearest each centre, the training loader's subsampling)."""
-    shape = [int(np.floor(n / factor)) for n in volume.shape]
-    coords = np.meshgrid(*[(np.arange(n) + 0.5) * factor - 0.5 for n in shape], indexing="ij")
-    return ndimage.map_coordinates(volume, coords, order=order, mode="nearest")
+def centre_labels(mask: np.ndarray, factor: float) -> np.ndarray:
+    """The 1 mm voxel nearest each coarse cell's centre: the training loader's subsampling."""
+    coords = np.meshgrid(*cell_centres(mask.shape, factor), indexing="ij")
+    return ndimage.map_coordinates(mask, coords, order=0, mode="nearest")
 
 
 def cell_share(mask: np.ndarray, factor: float) -> np.ndarray:
@@ -66,8 +69,7 @@ def cell_share(mask: np.ndarray, factor: float) -> np.ndarray:
     boxed = ndimage.uniform_filter(fine, size=size, mode="nearest")
     # an even box at index m is centred at m - 0.5; a 1 mm coordinate x is at x * k + (k - 1) / 2
     shift = (k - 1) / 2 + (0.5 if size % 2 == 0 else 0.0)
-    shape = [int(np.floor(n / factor)) for n in mask.shape]
-    coords = np.meshgrid(*[((np.arange(n) + 0.5) * factor - 0.5) * k + shift for n in shape], indexing="ij")
+    coords = np.meshgrid(*[c * k + shift for c in cell_centres(mask.shape, factor)], indexing="ij")
     return ndimage.map_coordinates(boxed, coords, order=1, mode="nearest")
 
 
@@ -101,8 +103,8 @@ def oracle_labels(target: np.ndarray, labels: np.ndarray, factor: float, soft: b
         mask = target == label
         window = label_window(mask, factor)
         crop = mask[window].astype(np.float32)
-        coarse = cell_share(crop, factor) if soft else fine_to_coarse(crop, factor, order=0)
-        fine = coarse_to_fine(coarse, factor, crop.shape, order=1)
+        coarse = cell_share(crop, factor) if soft else centre_labels(crop, factor)
+        fine = coarse_to_fine(coarse, factor, crop.shape)
         better = fine > best[window]
         out[window][better], best[window][better] = label, fine[better]
     return out
