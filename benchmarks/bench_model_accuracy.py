@@ -10,9 +10,11 @@ user runs it: every image goes through ``predict``'s whole pipeline.
   mni_gm).
 
     python benchmarks/bench_model_accuracy.py [--models-dir checkpoints] [--model-config cpu_2.0]
-        [--contrasts 2] [--resolutions 1x1x1 1x1x5 3x3x3] [--json OUT.json]
+        [--contrasts 2] [--resolutions 1x1x1 1x1x5 3x3x3] [--json OUT.json] [--against BASE.json]
 
-Prints a markdown table (rows: structures; columns: resolutions) for BENCHMARKS.md.
+Prints a markdown table (rows: structures; columns: resolutions) for BENCHMARKS.md. With
+``--against`` (another run's ``--json``, same images), also the paired difference of each image's
+mean Dice: two models compared on one set of images differ far less than either's spread.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", default=None, help="keep the images and segmentations here")
     p.add_argument("--json", default=None)
+    p.add_argument("--against", default=None, help="a --json of another models folder on the same images")
     return p.parse_args(argv)
 
 
@@ -56,6 +59,25 @@ def dice_per_label(pred: np.ndarray, truth: np.ndarray, labels: np.ndarray) -> d
         p = pred == label
         scores[int(label)] = 2.0 * float(np.logical_and(p, t).sum()) / float(p.sum() + t.sum())
     return scores
+
+
+def paired_difference(cases: list[dict], base_cases: list[dict]) -> dict[str, dict[str, float]]:
+    """Per-image mean Dice minus the base's on the same image: mean, its standard error, and how
+    many images are ahead, per resolution and over all."""
+    base = {c["name"]: np.mean(list(c["dice"].values())) for c in base_cases}
+    missing = [c["name"] for c in cases if c["name"] not in base]
+    if missing:
+        raise ValueError(f"--against holds no image {missing[0]} (same --maps, --contrasts, --resolutions and --seed?)")
+
+    def summary(group: list[dict]) -> dict[str, float]:
+        diffs = np.array([np.mean(list(c["dice"].values())) - base[c["name"]] for c in group])
+        se = float(diffs.std(ddof=1) / np.sqrt(len(diffs))) if len(diffs) > 1 else float("nan")
+        return {"mean": float(diffs.mean()), "se": se, "ahead": int((diffs > 0).sum()), "n": len(diffs)}
+
+    resolutions = dict.fromkeys(c["resolution"] for c in cases)
+    out = {r: summary([c for c in cases if c["resolution"] == r]) for r in resolutions}
+    out["all"] = summary(cases)
+    return out
 
 
 def make_synthetic(args: argparse.Namespace, work: str) -> list[dict]:
@@ -160,6 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(cases)} synthetic images ({len(args.maps)} maps x {len(columns)} resolutions x "
           f"{args.contrasts} contrasts) + the MNI T1 in {time.perf_counter() - t0:.0f} s; "
           f"models {args.models_dir}")
+    if args.against:
+        with open(args.against) as f:
+            paired = paired_difference(cases, json.load(f)["per_case"])
+        print(f"\nPaired against {args.against} (per-image mean Dice, this minus that, +- s.e.):")
+        for res, d in paired.items():
+            print(f"  {res}: {d['mean']:+.4f} +- {d['se']:.4f}, ahead on {d['ahead']} of {d['n']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"mni": mni, "mean": dict(zip(columns + ["all"], means)),
