@@ -141,6 +141,10 @@ def mni_scores(seg: np.ndarray, args: argparse.Namespace) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    base_cases = None
+    if args.against:   # read before the run, so a wrong path fails at once
+        with open(args.against) as f:
+            base_cases = json.load(f)["per_case"]
     import nibabel as nib
 
     from synthseg_jax.labels import LabelTables
@@ -182,9 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(cases)} synthetic images ({len(args.maps)} maps x {len(columns)} resolutions x "
           f"{args.contrasts} contrasts) + the MNI T1 in {time.perf_counter() - t0:.0f} s; "
           f"models {args.models_dir}")
-    if args.against:
-        with open(args.against) as f:
-            paired = paired_difference(cases, json.load(f)["per_case"])
+    if base_cases is not None:
+        paired = paired_difference(cases, base_cases)
         print(f"\nPaired against {args.against} (per-image mean Dice, this minus that, +- s.e.):")
         for res, d in paired.items():
             print(f"  {res}: {d['mean']:+.4f} +- {d['se']:.4f}, ahead on {d['ahead']} of {d['n']}")
