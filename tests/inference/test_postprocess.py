@@ -8,7 +8,9 @@ from synthseg_jax.geometry import RasAlignment
 from synthseg_jax.scans import Scan
 from reference_postprocess import clean_posteriors, compute_volumes, parcellate, postprocess
 from synthseg_jax.inference.postprocess import (
+    FORTRAN_BLOCK,
     assemble_volumes,
+    fortran_copy,
     largest_component,
     largest_component_fast,
     original_sums,
@@ -181,6 +183,18 @@ def test_postprocess_undoes_crop_pad_and_alignment():
     assert result.seg.dtype == np.int32 and result.posteriors.shape == shape + (6,)
     np.testing.assert_allclose(result.posteriors[~crop_mask, 0], 1)
     np.testing.assert_array_equal(result.affine, lia)
+
+
+@pytest.mark.parametrize("view", ["plain", "flipped", "transposed", "3d"])
+def test_fortran_copy_is_a_column_major_copy_of_any_view(view):
+    # sizes that are not multiples of the block, so every axis has a partial last block
+    shape = tuple(2 * b + 3 for b in FORTRAN_BLOCK) + (5,)
+    volume = np.random.default_rng(1).random(shape, dtype=np.float32)
+    volume = {"plain": volume, "flipped": volume[::-1, :, ::-2],
+              "transposed": volume.transpose(2, 0, 1, 3), "3d": volume[..., 2]}[view]
+    copied = fortran_copy(volume)
+    assert copied.flags.f_contiguous and not np.shares_memory(copied, volume)
+    np.testing.assert_array_equal(copied, volume)
 
 
 def test_original_sums_accumulate_in_float32_voxel_after_voxel():
