@@ -286,7 +286,8 @@ def renormalise(post: np.ndarray) -> None:
 
 def to_scan_grid(volume: np.ndarray, prep: Preprocessed, fill_background: bool = False) -> np.ndarray:
     """Padded RAS volume -> the scan's (resampled) grid: remove the padding, paste the crop back
-    (zeros around it; for posteriors background 1), undo the RAS alignment."""
+    (zeros around it; for posteriors background 1), undo the RAS alignment. The result is
+    column-major (``fortran_copy``), the order the output files store."""
     volume = crop_to(volume, prep.pad_idx)
     if prep.crop_idx is not None:
         idx = prep.crop_idx
