@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return checked_main(argv)
     except KeyboardInterrupt:
-        return interrupts.interrupted_while_starting()
+        interrupts.quit_while_starting()
 
 
 def checked_main(argv: list[str] | None) -> int:
@@ -139,7 +139,10 @@ def checked_main(argv: list[str] | None) -> int:
         print(f"ERROR {err}", file=sys.stderr)
         return 1
     runtime.setup_logging()
-    return pipeline.run(opts)
+    code = pipeline.run(opts)
+    if code == interrupts.INTERRUPTED:
+        interrupts.quit_interrupted()
+    return code
 
 
 if __name__ == "__main__":

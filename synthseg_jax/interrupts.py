@@ -18,7 +18,7 @@ import os
 import signal
 import sys
 from collections.abc import Iterator
-from typing import TextIO
+from typing import NoReturn, TextIO
 
 INTERRUPTED = 130   # 128 + SIGINT
 _requested = False
@@ -76,7 +76,7 @@ def guarded_main(module: str) -> None:
     try:
         main = importlib.import_module(module).main
     except KeyboardInterrupt:
-        sys.exit(interrupted_while_starting())
+        quit_while_starting()
     main()
 
 
@@ -84,3 +84,19 @@ def interrupted_while_starting(stderr: TextIO | None = None) -> int:
     """Say so (before any scan was touched) and give the exit code."""
     print("ERROR interrupted before any scan was segmented", file=stderr or sys.stderr)
     return INTERRUPTED
+
+
+def quit_while_starting() -> NoReturn:
+    """The entry points' end for an interrupt while starting."""
+    interrupted_while_starting()
+    quit_interrupted()
+
+
+def quit_interrupted() -> NoReturn:
+    """Exit with 130 without the interpreter's atexit handlers: a module whose import the interrupt
+    cut short may have registered one that now fails (jax's ``clean_up`` calls a function its
+    half-run module never defined: a NameError traceback after the one line). Whatever the run
+    wrote is closed by then, and the scan in progress removed its partial outputs."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(INTERRUPTED)

@@ -35,7 +35,7 @@ def main() -> None:
     try:
         checked_main()
     except KeyboardInterrupt:
-        sys.exit(interrupts.interrupted_while_starting())
+        interrupts.quit_while_starting()
 
 
 def checked_main() -> None:
@@ -112,6 +112,8 @@ def predict(cfg: DictConfig) -> None:
         print(f"ERROR {err}", file=sys.stderr)
         sys.exit(1)
     code = run(opts)
+    if code == interrupts.INTERRUPTED:
+        interrupts.quit_interrupted()
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         if code:
             raise ScansFailed(f"{'shard ' + str(opts.shard) if opts.shard else 'this job'}: "
