@@ -23,7 +23,8 @@ MODELS = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(CONFIG_
 def test_every_model_config_composes_and_checks(model):
     cfg = config.load([f"model={model}"])
     assert cfg.model.name == model
-    cosine = ("cpu_2.0_16", "cpu_2.0_16_restart", "pooled_cosine", "qc_cpu_2.0")
+    cosine = ("cpu_2.0_16", "cpu_2.0_16_restart", "pooled_batch2", "pooled_cosine",
+              "qc_cpu_2.0")
     assert cfg.optim.schedule == ("warmup_cosine" if model in cosine else "constant")
     assert cfg.train.steps > 0 and isinstance(cfg.train.held_out, tuple)
 
