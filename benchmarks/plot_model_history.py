@@ -34,8 +34,13 @@ def plot(rows: list[dict[str, str]], png: str) -> None:
         values = [float(r[key]) for r in rows]
         for axis in (ax, zoom):
             axis.plot(hours, values, "o", label=name)
+    points = {f"{r['network']} {r['step']}": (h, float(r["dice_all"])) for r, h in zip(rows, hours)}
     for axis in (ax, zoom):
-        axis.plot(hours, [float(r["dice_all"]) for r in rows], "k.-", lw=0.8, label="all 18 images")
+        axis.plot(*zip(*points.values()), "k.", label="all 18 images (a line from each start)")
+        for r in rows:   # forks of one start branch off it rather than follow each other
+            if r["start"] in points:
+                (x0, y0), (x1, y1) = points[r["start"]], points[f"{r['network']} {r['step']}"]
+                axis.plot([x0, x1], [y0, y1], "k-", lw=0.8)
         axis.set_xlabel("cumulative training time, CPU hours on 2 cores")
         axis.set_ylabel("mean Dice, held-out synthetic images")
         axis.grid(alpha=0.3)
