@@ -9,7 +9,8 @@ Backends (:func:`resolve_backend`):
 
 * ``xla``: ``lax.conv_general_dilated``, exactly what ``flax.linen.Conv`` computes;
 * ``onednn``: the custom call, forward and backward (a :func:`jax.custom_vjp`: the input gradient
-  is a 'SAME' convolution of the output gradient with the flipped, in/out-swapped kernel, through
+  is a convolution of the output gradient with the flipped, in/out-swapped kernel (the padding
+  transposed), through
   ``__onednn$convolution``; the kernel gradient one ``__onednn$matmul`` per kernel offset; the
   bias gradient an XLA sum);
 * ``auto`` (default): ``onednn`` only when JAX's default backend is CPU *and* the installed jaxlib
@@ -267,14 +268,14 @@ def onednn_matmul_tn(a, b):
 
 
 def onednn_conv(x, w, b=None, *, dnums, padding, activation=None):
-    """One call of the primitive (no autodiff rule: see :func:`conv3d_same`)."""
+    """One call of the primitive (no autodiff rule: see :func:`conv3d_padded`)."""
     fusions = (("bias",) if b is not None else ()) + ((activation,) if activation else ())
     operands = (x, w) if b is None else (x, w, b)
     return _conv_p.bind(*operands, dnums=tuple(map(tuple, dnums)),
                         padding=tuple(map(tuple, padding)), fusions=fusions)
 
 
-# --------------------------------------------------------------------------- 'SAME', NDHWC
+# --------------------------------------------------------------------------- stride 1, NDHWC
 
 def same_padding(kernel_shape: Sequence[int]) -> tuple[tuple[int, int], ...]:
     """TensorFlow/lax 'SAME' at stride 1: the extra pixel of an even kernel goes at the end."""
@@ -304,13 +305,13 @@ def _kernel_grad(x, g, kernel_shape, pad):
     the output gradient as a 96^3 kernel runs out of memory, and in 8^3 blocks takes ~4 s;
     grouping offsets into wider matmuls costs more in copies than it saves.
     """
-    n, *spatial, c_in = x.shape
-    c_out = g.shape[-1]
+    c_in = x.shape[-1]
+    n, *spatial, c_out = g.shape       # the output's size: the windows' (any padding)
     xp = jnp.pad(x, ((0, 0), *pad, (0, 0)))
     gf = g.reshape(-1, c_out)
     offsets = list(itertools.product(*(range(k) for k in kernel_shape[:3])))
     if len(offsets) == 1:
-        return onednn_matmul_tn(x.reshape(-1, c_in), gf).reshape(kernel_shape)
+        return onednn_matmul_tn(xp.reshape(-1, c_in), gf).reshape(kernel_shape)
 
     def one(_, offset):
         start = (0, offset[0], offset[1], offset[2], 0)
@@ -321,36 +322,38 @@ def _kernel_grad(x, g, kernel_shape, pad):
     return blocks.reshape(kernel_shape)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _onednn_conv3d_same(x, w, b, activation, conv_dtype):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _onednn_conv3d(x, w, b, activation, conv_dtype, padding):
     return onednn_conv(x.astype(conv_dtype), w.astype(conv_dtype), b, dnums=_FWD,
-                       padding=same_padding(w.shape[:3]), activation=activation)
+                       padding=padding, activation=activation)
 
 
-def _fwd(x, w, b, activation, conv_dtype):
+def _fwd(x, w, b, activation, conv_dtype, padding):
     xc, wc = x.astype(conv_dtype), w.astype(conv_dtype)   # the residuals, at half size in bf16
-    y = onednn_conv(xc, wc, b, dnums=_FWD, padding=same_padding(w.shape[:3]), activation=activation)
+    y = onednn_conv(xc, wc, b, dnums=_FWD, padding=padding, activation=activation)
     return y, (xc, wc, y if activation else None)
 
 
-def _bwd(activation, conv_dtype, res, g):
+def _bwd(activation, conv_dtype, padding, res, g):
     xc, wc, y = res
     if activation:
         g = g * _act_grad_from_output(y, activation)
     db = jnp.sum(g, axis=(0, 1, 2, 3))
     g = g.astype(conv_dtype)
-    pad = same_padding(wc.shape[:3])
     flipped = jnp.flip(wc, axis=(0, 1, 2))
-    dx = onednn_conv(g, flipped, dnums=_BWD_INPUT, padding=tuple((hi, lo) for lo, hi in pad))
-    dw = _kernel_grad(xc, g, wc.shape, pad)
+    # the transposed convolution: a tap that reached lo voxels before the input now reaches
+    # k - 1 - lo after it
+    transposed = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(wc.shape[:3], padding))
+    dx = onednn_conv(g, flipped, dnums=_BWD_INPUT, padding=transposed)
+    dw = _kernel_grad(xc, g, wc.shape, padding)
     return dx, dw, db   # float32, as the primal x and w
 
 
-_onednn_conv3d_same.defvjp(_fwd, _bwd)
+_onednn_conv3d.defvjp(_fwd, _bwd)
 
 
-def xla_conv3d_same(x, w, b, activation=None, conv_dtype=jnp.float32):
-    y = lax.conv_general_dilated(x.astype(conv_dtype), w.astype(conv_dtype), (1, 1, 1), "SAME",
+def xla_conv3d(x, w, b, padding, activation=None, conv_dtype=jnp.float32):
+    y = lax.conv_general_dilated(x.astype(conv_dtype), w.astype(conv_dtype), (1, 1, 1), list(padding),
                                  dimension_numbers=_KERAS_DNUMS, preferred_element_type=jnp.float32)
     return _apply_activation(y + b, activation)
 
@@ -382,20 +385,22 @@ def effective_conv_dtype(requested: str | None) -> jnp.dtype:
     raise ValueError(f"convolution dtype must be float32 or bfloat16, got {requested!r}")
 
 
-def conv3d_same(x: jax.Array, w: jax.Array, b: jax.Array, *, backend: str | None = None,
-                activation: str | None = None, conv_dtype: str | None = None) -> jax.Array:
-    """``act(conv(x, w) + b)`` with 'SAME' padding: x (N, D, H, W, C_in), w (k, k, k, C_in, C_out),
-    b (C_out,), all float32. ``backend`` as in :func:`resolve_backend`; ``activation`` None,
-    'elu' or 'relu'; ``conv_dtype`` 'float32' (default) or 'bfloat16' (mixed precision, see the
-    module docstring); the result is float32."""
+def conv3d_padded(x: jax.Array, w: jax.Array, b: jax.Array, *,
+                  padding: Sequence[tuple[int, int]] | None = None, backend: str | None = None,
+                  activation: str | None = None, conv_dtype: str | None = None) -> jax.Array:
+    """``act(conv(x, w) + b)``: x (N, D, H, W, C_in), w (k, k, k, C_in, C_out), b (C_out,), all
+    float32. ``padding``: (low, high) zeros per spatial axis, None for 'SAME' (Keras'); ``backend``
+    as in :func:`resolve_backend`; ``activation`` None, 'elu' or 'relu'; ``conv_dtype`` 'float32'
+    (default) or 'bfloat16' (mixed precision, see the module docstring); the result is float32."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     dtype = effective_conv_dtype(conv_dtype)
     if x.dtype != jnp.float32 or w.dtype != jnp.float32 or b.dtype != jnp.float32:
-        raise TypeError(f"conv3d_same takes float32 operands, got {x.dtype}, {w.dtype}, {b.dtype}")
+        raise TypeError(f"conv3d_padded takes float32 operands, got {x.dtype}, {w.dtype}, {b.dtype}")
+    padding = same_padding(w.shape[:3]) if padding is None else tuple(map(tuple, padding))
     if resolve_backend(backend) == "onednn":
-        return _onednn_conv3d_same(x, w, b, activation, dtype)
-    return xla_conv3d_same(x, w, b, activation, dtype)
+        return _onednn_conv3d(x, w, b, activation, dtype, padding)
+    return xla_conv3d(x, w, b, padding, activation, dtype)
 
 
 class Conv3D(nn.Module):
@@ -426,8 +431,8 @@ class Conv3D(nn.Module):
         batch_shape = x.shape[:-4]
         if len(batch_shape) != 1:  # like nn.Conv: no batch axis, or several, are flattened to one
             x = x.reshape((int(np.prod(batch_shape)),) + x.shape[-4:])
-        y = conv3d_same(x, kernel, bias, backend=self.backend, activation=self.activation,
-                        conv_dtype=self.conv_dtype)
+        y = conv3d_padded(x, kernel, bias, backend=self.backend, activation=self.activation,
+                          conv_dtype=self.conv_dtype)
         if len(batch_shape) != 1:
             y = y.reshape(batch_shape + y.shape[1:])
         return y

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from synthseg_jax.nn.conv import Conv3D
+from synthseg_jax.nn.upconv import UpsampledConcatConv3D
 
 # Keras' defaults, which the published weights were trained with (Flax's epsilon is 1e-5).
 KERAS_BN_EPSILON = 1e-3
@@ -119,12 +120,13 @@ def decode_level(cfg: UNetConfig, x: jax.Array, skip: jax.Array | None, train: b
     (if ``has_skip``), convolutions, BatchNorm (inside a compact call, like ``encode_levels``)."""
     act = ACTIVATIONS[cfg.activation]
     up = cfg.nb_levels - 2 - level            # the decoder's own numbering, 0 = deepest
-    x = upsample_nearest(x)
-    if skip is not None:
-        x = jnp.concatenate([skip, x], axis=-1)
+    features = cfg.level_features(level)
     for i in range(cfg.nb_conv_per_level):
         name = f"{cfg.prefix}_conv_uparm_{cfg.nb_levels + up}_{i}"
-        x = act(conv3d(cfg.level_features(level), cfg.conv_size, name, cfg.conv_dtype)(x))
+        if i == 0:   # of concat([skip, upsample_nearest(x)]), the upsampled part at x's resolution
+            x = act(UpsampledConcatConv3D(features, cfg.conv_size, cfg.conv_dtype, name=name)(skip, x))
+        else:
+            x = act(conv3d(features, cfg.conv_size, name, cfg.conv_dtype)(x))
     if cfg.batch_norm:
         x = batch_norm(f"{cfg.prefix}_bn_up_{up}", train)(x)
     return x

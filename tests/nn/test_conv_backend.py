@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from synthseg_jax.nn import conv as conv_mod
-from synthseg_jax.nn.conv import ENV_VAR, Conv3D, conv3d_same, resolve_backend
+from synthseg_jax.nn.conv import ENV_VAR, Conv3D, conv3d_padded, resolve_backend
 from synthseg_jax.nn.unet import UNet, UNetConfig
 
 ONEDNN_AVAILABLE = jax.default_backend() == "cpu"
@@ -54,7 +54,7 @@ def test_layer_forward_and_gradients_match_xla(k, c_in, c_out, shape, activation
 
     def run(backend):
         def loss(x, w, b):
-            y = conv3d_same(x, w, b, backend=backend, activation=activation)
+            y = conv3d_padded(x, w, b, backend=backend, activation=activation)
             return jnp.sum(y * probe), y
 
         (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(x, w, b)
@@ -75,17 +75,17 @@ def test_vmap_over_the_input_matches_one_call_per_item(in_axis):
     of its own call, whichever axis is mapped; a mapped kernel is refused."""
     x, w, b, _ = random_inputs(7, (2, 6, 5, 7), 3, 4, 5)
     stacked = jnp.stack([x, x[::-1] * 0.5 + 1.0, -x], axis=in_axis)
-    conv = lambda v: conv3d_same(v, w, b, backend="onednn", activation="elu")
+    conv = lambda v: conv3d_padded(v, w, b, backend="onednn", activation="elu")
     mapped = jax.jit(jax.vmap(conv, in_axes=in_axis))(stacked)
     for i in range(3):
         assert_close(mapped[i], jax.jit(conv)(jnp.take(stacked, i, axis=in_axis)))
     with pytest.raises(NotImplementedError, match="kernel"):
-        jax.vmap(lambda k: conv3d_same(x, k, b, backend="onednn"))(jnp.stack([w, w]))
+        jax.vmap(lambda k: conv3d_padded(x, k, b, backend="onednn"))(jnp.stack([w, w]))
 
 
 def conv_and_grads(backend, conv_dtype, activation, x, w, b, probe):
     def loss(x, w, b):
-        y = conv3d_same(x, w, b, backend=backend, activation=activation, conv_dtype=conv_dtype)
+        y = conv3d_padded(x, w, b, backend=backend, activation=activation, conv_dtype=conv_dtype)
         return jnp.sum(y * probe), y
 
     (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(x, w, b)
@@ -134,12 +134,12 @@ def test_bfloat16_falls_back_to_float32_without_native_support(monkeypatch, caps
 @needs_cpu
 def test_onednn_path_really_emits_the_custom_call():
     x, w, b, _ = random_inputs(0, (1, 4, 4, 4), 3, 2, 3)
-    grad = jax.value_and_grad(lambda x, w, b: jnp.sum(conv3d_same(x, w, b, backend="onednn")),
+    grad = jax.value_and_grad(lambda x, w, b: jnp.sum(conv3d_padded(x, w, b, backend="onednn")),
                               argnums=(0, 1))
     hlo = jax.jit(grad).lower(x, w, b).as_text()
     assert hlo.count("__onednn$convolution") == 2   # forward and input gradient
     assert "__onednn$matmul" in hlo                  # kernel gradient
-    assert "__onednn" not in jax.jit(lambda x, w, b: conv3d_same(x, w, b, backend="xla")).lower(
+    assert "__onednn" not in jax.jit(lambda x, w, b: conv3d_padded(x, w, b, backend="xla")).lower(
         x, w, b).as_text()
 
 
@@ -221,7 +221,7 @@ SHARDED = textwrap.dedent("""
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from synthseg_jax.nn.conv import conv3d_same
+    from synthseg_jax.nn.conv import conv3d_padded
     assert jax.device_count() == 2
     mesh = Mesh(np.array(jax.devices()), ("data",))
     r = np.random.default_rng(0)
@@ -232,7 +232,7 @@ SHARDED = textwrap.dedent("""
     w, b = jax.device_put((w, b), NamedSharding(mesh, P()))
     out = {}
     for backend in ("xla", "onednn"):
-        loss = lambda x, w, b: jnp.sum(jnp.sin(conv3d_same(x, w, b, backend=backend, activation="elu")))
+        loss = lambda x, w, b: jnp.sum(jnp.sin(conv3d_padded(x, w, b, backend=backend, activation="elu")))
         out[backend] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(x, w, b)
     for a, e in zip(jax.tree_util.tree_leaves(out["onednn"]), jax.tree_util.tree_leaves(out["xla"])):
         a, e = np.asarray(a), np.asarray(e)
