@@ -1,7 +1,8 @@
 """A U-Net evaluated slab by slab along the first spatial axis, with the same result as whole.
 
 At 1 mm a scan's full-resolution feature maps dominate prediction's memory (24 features x 256^3 x
-4 B = 1.6 GB each, and the decoder's last step joins 72 of them). Convolutions are local and
+4 B = 1.6 GB each, and the decoder's last step reads a skip and writes the sum of two
+convolutions at that size: nn/upconv.py). Convolutions are local and
 inference BatchNorm is a per-channel affine map, so the ``n`` shallowest levels can be computed
 on overlapping windows of the volume while the deeper levels (8x fewer voxels per level) run
 whole:

@@ -74,13 +74,6 @@ def max_pool(x: jax.Array) -> jax.Array:
     return nn.max_pool(x, (2, 2, 2), strides=(2, 2, 2), padding="SAME")
 
 
-def upsample_nearest(x: jax.Array) -> jax.Array:
-    """Keras ``UpSampling3D(2)``: each voxel repeated twice along every spatial axis."""
-    b, d, h, w, c = x.shape
-    x = jnp.broadcast_to(x[:, :, None, :, None, :, None, :], (b, d, 2, h, 2, w, 2, c))
-    return x.reshape(b, 2 * d, 2 * h, 2 * w, c)
-
-
 def check_spatial_shape(shape: tuple[int, ...], multiple: int, what: str) -> None:
     bad = [s for s in shape if s % multiple]
     if bad:

@@ -8,14 +8,15 @@ So each of the 2^3 output parities is a small convolution of the coarse volume w
 folded from the original one, and the zero padding of the fine grid is exactly the zero padding
 of the coarse grid. All eight parities run as one convolution with 8x the output channels
 (each parity's kernel placed at its own tap offset), whose outputs are interleaved back to the
-fine grid. For the published 2.0 U-Net this replaces 27 taps over the 48-192 upsampled channels by
-8, about a quarter of the whole forward's products, and the 72-channel concatenation (3.2 GB at a
+fine grid. For the published 2.0 U-Net this replaces 27 taps over the 48-384 upsampled channels
+by 8, about a quarter of the whole forward's products, and the 72-channel concatenation (3.2 GB at a
 224x256x192 1 mm input) no longer exists. The result is the same convolution up to float
 rounding (tests/nn/test_upconv.py); the parameters are those of the ``Conv3D`` it replaces.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 from typing import Callable
@@ -28,40 +29,46 @@ import numpy as np
 from synthseg_jax.nn.conv import conv3d_padded
 
 
+@dataclasses.dataclass(frozen=True)
+class ParityFold:
+    """How one axis's k fine taps fold onto the coarse grid, for fine parities p = 0 and 1.
+
+    ``sums[p]`` is the (taps, k) 0/1 matrix summing the fine taps into the coarse taps they fall
+    on; both parities share one ``taps``-tap convolution with zero ``padding`` (low, high), in
+    whose output parity p's value for coarse voxel i sits at ``i + offsets[p]``."""
+
+    sums: tuple[np.ndarray, np.ndarray]
+    taps: int
+    padding: tuple[int, int]
+    offsets: tuple[int, int]
+
+
 @functools.lru_cache(maxsize=None)
-def parity_taps(kernel_size: int) -> tuple[tuple[np.ndarray, ...], int, tuple[int, int]]:
-    """Per fine parity p (0, 1) along one axis, the (K, k) 0/1 matrix that sums the k fine taps
-    into the K coarse taps they fall on, with each parity's coarse taps shifted so that one
-    K-tap convolution with padding ``pad`` serves both: parity p's output at coarse voxel i is
-    that convolution's output at ``i + offset[p]`` (returned as the matrices, K, pad; the
-    offsets are ``offsets(kernel_size)``)."""
+def parity_fold(kernel_size: int) -> ParityFold:
+    """The fold of an odd ``kernel_size`` ('SAME': fine tap a of fine voxel 2 i + p reads fine
+    voxel 2 i + p - r + a, r = k // 2, i.e. coarse voxel i + (p - r + a) // 2)."""
     r = kernel_size // 2
-    firsts = [(p - r) // 2 for p in (0, 1)]                 # coarse tap of the first fine tap
+    firsts = [(p - r) // 2 for p in (0, 1)]                 # coarse offset of the first fine tap
     lasts = [(p - r + kernel_size - 1) // 2 for p in (0, 1)]
-    start = min(firsts)
     taps = max(last - first for first, last in zip(firsts, lasts)) + 1
-    mats = []
+    sums = []
     for p, first in enumerate(firsts):
         mat = np.zeros((taps, kernel_size), np.float32)
         for a in range(kernel_size):
             mat[(p - r + a) // 2 - first, a] = 1.0
-        mats.append(mat)
-    spread = max(firsts) - start
-    return tuple(mats), taps, (-start, taps - 1 + start + spread)
-
-
-def offsets(kernel_size: int) -> tuple[int, int]:
-    """Where each parity's coarse output sits in the joint convolution's output (see above)."""
-    r = kernel_size // 2
-    firsts = [(p - r) // 2 for p in (0, 1)]
-    return tuple(f - min(firsts) for f in firsts)
+        sums.append(mat)
+    offsets = tuple(first - min(firsts) for first in firsts)
+    # output j reads coarse j - low .. j - low + taps - 1; parity p needs j = i + offsets[p] to
+    # start at i + firsts[p]; the high side grows the output by max(offsets) voxels
+    low = -min(firsts)
+    return ParityFold(tuple(sums), taps, (low, taps - 1 - low + max(offsets)), offsets)
 
 
 def folded_kernel(kernel: jax.Array) -> jax.Array:
     """(k, k, k, C_in, C_out) -> (K, K, K, C_in, 8 * C_out): the eight parities' coarse kernels,
     parity (p0, p1, p2) in output block 4 p0 + 2 p1 + p2."""
-    mats, _, _ = parity_taps(kernel.shape[0])
-    blocks = [jnp.einsum("ia,jb,kc,abcnm->ijknm", mats[p0], mats[p1], mats[p2], kernel)
+    sums = parity_fold(kernel.shape[0]).sums
+    blocks = [jnp.einsum("ia,jb,kc,abcnm->ijknm", sums[p0], sums[p1], sums[p2], kernel)
               for p0, p1, p2 in itertools.product((0, 1), repeat=3)]
     return jnp.concatenate(blocks, axis=-1)
 
@@ -70,7 +77,7 @@ def interleave(joint: jax.Array, coarse_shape: tuple[int, int, int], kernel_size
     """The joint output (N, X', Y', Z', 8 C) -> the fine (N, 2X, 2Y, 2Z, C) volume."""
     n, c8 = joint.shape[0], joint.shape[-1]
     c = c8 // 8
-    offs = offsets(kernel_size)
+    offs = parity_fold(kernel_size).offsets
     parts = []
     for block, (p0, p1, p2) in enumerate(itertools.product((0, 1), repeat=3)):
         o = (offs[p0], offs[p1], offs[p2])
@@ -87,9 +94,9 @@ def upsampled_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array,
     k = kernel.shape[0]
     if kernel.shape[:3] != (k, k, k) or k % 2 == 0:
         raise ValueError(f"upsampled_conv needs an odd cubic kernel, got {kernel.shape[:3]}")
-    _, _, pad = parity_taps(k)
     # every fine voxel takes exactly one parity's output, so each parity carries the bias
-    joint = conv3d_padded(x, folded_kernel(kernel), jnp.tile(bias, 8), padding=(pad,) * 3,
+    joint = conv3d_padded(x, folded_kernel(kernel), jnp.tile(bias, 8),
+                          padding=(parity_fold(k).padding,) * 3,
                           conv_dtype=conv_dtype)
     return interleave(joint, x.shape[1:4], k)
 

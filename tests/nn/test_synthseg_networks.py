@@ -10,7 +10,7 @@ from synthseg_jax.nn.synthseg import (
     parcellation_input,
     segmenter_config,
 )
-from synthseg_jax.nn.unet import KERAS_BN_EPSILON, UNetConfig, batch_norm, upsample_nearest
+from synthseg_jax.nn.unet import KERAS_BN_EPSILON, UNetConfig, batch_norm
 from synthseg_jax.weights.models_dir import build_network, variable_shapes
 
 
@@ -100,12 +100,6 @@ def test_cascade_and_qc_output_shapes(tables, kind, shape):
     out = jax.eval_shape(module.apply, variable_shapes(module, in_channels), x)
     expected = (1, *shape, tables.n_labels) if kind == "robust" else (1, tables.n_qc)
     assert out.shape == expected
-
-
-def test_upsample_is_nearest_repeat():
-    x = jnp.arange(2 * 3 * 1 * 2, dtype=jnp.float32).reshape(1, 2, 3, 1, 2)
-    expected = np.repeat(np.repeat(np.repeat(np.asarray(x), 2, 1), 2, 2), 2, 3)
-    np.testing.assert_array_equal(upsample_nearest(x), expected)
 
 
 def test_batchnorm_uses_keras_epsilon():

@@ -9,8 +9,12 @@ import pytest
 
 from synthseg_jax.nn.conv import conv3d_padded
 from synthseg_jax.nn import upconv
-from synthseg_jax.nn.unet import upsample_nearest
-from synthseg_jax.nn.upconv import UpsampledConcatConv3D, parity_taps
+from synthseg_jax.nn.upconv import ParityFold, UpsampledConcatConv3D, parity_fold
+
+
+def upsample_nearest(x):
+    """Keras' ``UpSampling3D(2)``: every voxel repeated twice along each spatial axis."""
+    return jnp.repeat(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2), 2, axis=3)
 
 
 def by_definition(skip, x, kernel, bias, backend):
@@ -67,15 +71,17 @@ def test_a_wrong_tap_fold_is_caught(monkeypatch):
     params = {"params": {"kernel": kernel, "bias": bias}}
     reference = by_definition(skip, x, kernel, bias, "xla")
     assert relative_error(UpsampledConcatConv3D(7, 3).apply(params, skip, x), reference) < 2e-6
-    (even, odd), taps, pad = parity_taps(3)
-    monkeypatch.setattr(upconv, "parity_taps", lambda k: ((odd, even), taps, pad))
+    fold = parity_fold(3)
+    swapped = ParityFold(fold.sums[::-1], fold.taps, fold.padding, fold.offsets)
+    monkeypatch.setattr(upconv, "parity_fold", lambda k: swapped)
     assert relative_error(UpsampledConcatConv3D(7, 3).apply(params, skip, x), reference) > 1e-2
 
 
-@pytest.mark.parametrize("k, taps, pad", [(3, 2, (1, 1)), (5, 3, (1, 1)), (7, 4, (2, 2))])
-def test_parity_taps_sum_every_fine_tap_once(k, taps, pad):
-    mats, n_taps, padding = parity_taps(k)
-    assert (n_taps, padding) == (taps, pad)
-    for mat in mats:
+@pytest.mark.parametrize("k, taps, pad, offsets", [(3, 2, (1, 1), (0, 1)), (5, 3, (1, 1), (0, 0)),
+                                                   (7, 4, (2, 2), (0, 1))])
+def test_parity_fold_sums_every_fine_tap_once(k, taps, pad, offsets):
+    fold = parity_fold(k)
+    assert (fold.taps, fold.padding, fold.offsets) == (taps, pad, offsets)
+    for mat in fold.sums:
         assert mat.shape == (taps, k)
         np.testing.assert_array_equal(mat.sum(axis=0), np.ones(k))
