@@ -1,5 +1,6 @@
-"""The decoder's first convolution, ``conv(concat([skip, upsample_nearest(x)]))``, without the
-upsampled tensor: its upsampled part is computed at the coarse resolution.
+"""The decoder's first convolution, ``conv(concat([skip, upsample_nearest(x)]))`` (Keras'
+``UpSampling3D(2)``: every voxel repeated twice per axis), without the upsampled tensor: its
+upsampled part is computed at the coarse resolution.
 
 A 'SAME' k^3 convolution of a 2x nearest-upsampled volume takes, at a fine voxel of parity p
 along an axis, only a few distinct coarse voxels: the k taps fall on ``ceil``-many coarse
