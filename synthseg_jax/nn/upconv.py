@@ -65,20 +65,20 @@ def parity_fold(kernel_size: int) -> ParityFold:
     return ParityFold(tuple(sums), taps, (low, taps - 1 - low + max(offsets)), offsets)
 
 
-def folded_kernel(kernel: jax.Array) -> jax.Array:
+def folded_kernel(kernel: jax.Array, fold: ParityFold) -> jax.Array:
     """(k, k, k, C_in, C_out) -> (K, K, K, C_in, 8 * C_out): the eight parities' coarse kernels,
     parity (p0, p1, p2) in output block 4 p0 + 2 p1 + p2."""
-    sums = parity_fold(kernel.shape[0]).sums
+    sums = fold.sums
     blocks = [jnp.einsum("ia,jb,kc,abcnm->ijknm", sums[p0], sums[p1], sums[p2], kernel)
               for p0, p1, p2 in itertools.product((0, 1), repeat=3)]
     return jnp.concatenate(blocks, axis=-1)
 
 
-def interleave(joint: jax.Array, coarse_shape: tuple[int, int, int], kernel_size: int) -> jax.Array:
+def interleave(joint: jax.Array, coarse_shape: tuple[int, int, int], fold: ParityFold) -> jax.Array:
     """The joint output (N, X', Y', Z', 8 C) -> the fine (N, 2X, 2Y, 2Z, C) volume."""
     n, c8 = joint.shape[0], joint.shape[-1]
     c = c8 // 8
-    offs = parity_fold(kernel_size).offsets
+    offs = fold.offsets
     parts = []
     for block, (p0, p1, p2) in enumerate(itertools.product((0, 1), repeat=3)):
         o = (offs[p0], offs[p1], offs[p2])
@@ -95,11 +95,11 @@ def upsampled_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array,
     k = kernel.shape[0]
     if kernel.shape[:3] != (k, k, k) or k % 2 == 0:
         raise ValueError(f"upsampled_conv needs an odd cubic kernel, got {kernel.shape[:3]}")
+    fold = parity_fold(k)
     # every fine voxel takes exactly one parity's output, so each parity carries the bias
-    joint = conv3d_padded(x, folded_kernel(kernel), jnp.tile(bias, 8),
-                          padding=(parity_fold(k).padding,) * 3,
-                          conv_dtype=conv_dtype)
-    return interleave(joint, x.shape[1:4], k)
+    joint = conv3d_padded(x, folded_kernel(kernel, fold), jnp.tile(bias, 8),
+                          padding=(fold.padding,) * 3, conv_dtype=conv_dtype)
+    return interleave(joint, x.shape[1:4], fold)
 
 
 class UpsampledConcatConv3D(nn.Module):
