@@ -403,6 +403,19 @@ def conv3d_padded(x: jax.Array, w: jax.Array, b: jax.Array, *,
     return xla_conv3d(x, w, b, padding, activation, dtype)
 
 
+def conv_parameters(module: nn.Module, kernel_size: int | Sequence[int], in_features: int,
+                    features: int, kernel_init: Callable, bias_init: Callable
+                    ) -> tuple[jax.Array, jax.Array]:
+    """``module``'s ``kernel`` (k, k, k, in, out) and ``bias`` (out,), as ``nn.Conv`` names and
+    initialises them."""
+    ks = tuple(kernel_size) if isinstance(kernel_size, Sequence) else (kernel_size,) * 3
+    if len(ks) != 3:
+        raise ValueError(f"Conv3D needs a 3-D kernel size, got {ks}")
+    kernel = module.param("kernel", kernel_init, ks + (in_features, features), jnp.float32)
+    bias = module.param("bias", bias_init, (features,), jnp.float32)
+    return kernel, bias
+
+
 class Conv3D(nn.Module):
     """Keras ``Conv3D(features, kernel_size, padding='same')`` (+ an optional fused activation).
 
@@ -421,12 +434,8 @@ class Conv3D(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        ks = self.kernel_size
-        ks = tuple(ks) if isinstance(ks, Sequence) else (ks,) * 3
-        if len(ks) != 3:
-            raise ValueError(f"Conv3D needs a 3-D kernel size, got {ks}")
-        kernel = self.param("kernel", self.kernel_init, ks + (x.shape[-1], self.features), jnp.float32)
-        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+        kernel, bias = conv_parameters(self, self.kernel_size, x.shape[-1], self.features,
+                                       self.kernel_init, self.bias_init)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=None)
         batch_shape = x.shape[:-4]
         if len(batch_shape) != 1:  # like nn.Conv: no batch axis, or several, are flattened to one
@@ -436,3 +445,31 @@ class Conv3D(nn.Module):
         if len(batch_shape) != 1:
             y = y.reshape(batch_shape + y.shape[1:])
         return y
+
+
+class ConvWeights(nn.Module):
+    """A ``Conv3D``'s parameters alone (same names, shapes and initialisers), for convolutions
+    computed together with others of the same input (``sibling_convs``)."""
+
+    features: int
+    kernel_size: int | Sequence[int]
+    kernel_init: Callable = nn.initializers.glorot_uniform()
+    bias_init: Callable = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array]:
+        return conv_parameters(self, self.kernel_size, in_features, self.features,
+                               self.kernel_init, self.bias_init)
+
+
+def sibling_convs(x: jax.Array, weights: Sequence[tuple[jax.Array, jax.Array]],
+                  conv_dtype: str | None = None) -> list[jax.Array]:
+    """The 'SAME' convolutions of one input ``x`` (N, D, H, W, C) by several kernels of one size,
+    computed as one convolution with their output channels side by side: each output channel is
+    the same sum as alone, and a convolution with few input channels (the QC encoder's one-hot
+    input, 9) runs nearly as fast for twice the outputs (1.5x less time than two, BENCHMARKS.md)."""
+    kernel = jnp.concatenate([k for k, _ in weights], axis=-1)
+    bias = jnp.concatenate([b for _, b in weights])
+    y = conv3d_padded(x, kernel, bias, conv_dtype=conv_dtype)
+    bounds = np.cumsum([0] + [b.shape[0] for _, b in weights])
+    return [y[..., lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from synthseg_jax.nn.conv import Conv3D
+from synthseg_jax.nn.conv import Conv3D, ConvWeights, sibling_convs
 from synthseg_jax.nn.upconv import UpsampledConcatConv3D
 
 # Keras' defaults, which the published weights were trained with (Flax's epsilon is 1e-5).
@@ -210,18 +210,23 @@ class ResidualEncoder(nn.Module):
         for level in range(cfg.nb_levels):
             features = cfg.level_features(level)
             level_input = x
+            n_in = level_input.shape[-1]
+            shortcut = level_input
+            expands = cfg.use_residuals and n_in > 1 and features > 1 and n_in != features
             for i in range(cfg.nb_conv_per_level):
-                conv = conv3d(features, cfg.conv_size, f"{cfg.prefix}_conv_downarm_{level}_{i}",
-                              cfg.conv_dtype)
+                name = f"{cfg.prefix}_conv_downarm_{level}_{i}"
+                if i == 0 and expands:   # the level's first conv and the shortcut's, one input
+                    x, shortcut = sibling_convs(level_input, [
+                        ConvWeights(features, cfg.conv_size, name=name)(n_in),
+                        ConvWeights(features, cfg.conv_size,
+                                    name=f"{cfg.prefix}_expand_down_merge_{level}")(n_in)],
+                        cfg.conv_dtype)
+                    shortcut = act(shortcut)
+                else:
+                    x = conv3d(features, cfg.conv_size, name, cfg.conv_dtype)(x)
                 last = i == cfg.nb_conv_per_level - 1
-                x = conv(x) if (last and cfg.use_residuals) else act(conv(x))
+                x = x if (last and cfg.use_residuals) else act(x)
             if cfg.use_residuals:
-                shortcut = level_input
-                n_in = level_input.shape[-1]
-                if n_in > 1 and features > 1 and n_in != features:
-                    expand = conv3d(features, cfg.conv_size, f"{cfg.prefix}_expand_down_merge_{level}",
-                                    cfg.conv_dtype)
-                    shortcut = act(expand(level_input))
                 x = act(shortcut + x)
             if cfg.batch_norm:
                 x = batch_norm(f"{cfg.prefix}_bn_down_{level}", train)(x)

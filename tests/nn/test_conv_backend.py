@@ -13,7 +13,14 @@ import numpy as np
 import pytest
 
 from synthseg_jax.nn import conv as conv_mod
-from synthseg_jax.nn.conv import ENV_VAR, Conv3D, conv3d_padded, resolve_backend
+from synthseg_jax.nn.conv import (
+    ENV_VAR,
+    Conv3D,
+    ConvWeights,
+    conv3d_padded,
+    resolve_backend,
+    sibling_convs,
+)
 from synthseg_jax.nn.unet import UNet, UNetConfig
 
 ONEDNN_AVAILABLE = jax.default_backend() == "cpu"
@@ -156,6 +163,38 @@ def test_parameters_and_xla_numbers_are_those_of_flax_conv():
     v = jax.tree_util.tree_map(lambda p: p + 0.1, v_theirs)  # a non-zero bias
     np.testing.assert_array_equal(ours.apply(v, x), theirs.apply(v, x))
 
+
+
+@pytest.mark.parametrize("backend", ["xla", pytest.param("onednn", marks=needs_cpu)])
+def test_sibling_convs_are_the_convs_one_by_one(monkeypatch, backend):
+    """Values and gradients of the joined convolution against each convolution alone."""
+    monkeypatch.setenv(ENV_VAR, backend)
+    x, w1, b1, probe1 = random_inputs(3, (1, 7, 6, 8), 5, 9, 24)
+    _, w2, b2, probe2 = random_inputs(4, (1, 7, 6, 8), 5, 9, 12)
+
+    def loss(joined):
+        def f(x, w1, b1, w2, b2):
+            if joined:
+                y1, y2 = sibling_convs(x, [(w1, b1), (w2, b2)])
+            else:
+                y1, y2 = conv3d_padded(x, w1, b1), conv3d_padded(x, w2, b2)
+            return jnp.sum(y1 * probe1) + jnp.sum(y2 * probe2), (y1, y2)
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4), has_aux=True))
+
+    (_, got), got_grads = loss(True)(x, w1, b1, w2, b2)
+    (_, expected), expected_grads = loss(False)(x, w1, b1, w2, b2)
+    for a, e in zip(got + got_grads, expected + expected_grads):
+        assert_close(a, e, rtol=1e-5)
+
+
+def test_conv_weights_are_a_conv3d_s_parameters():
+    x = jnp.zeros((1, 6, 6, 6, 3))
+    key = jax.random.key(2)
+    conv = Conv3D(5, 3).init(key, x)
+    weights = ConvWeights(5, 3).init(key, 3)
+    assert jax.tree_util.tree_structure(conv) == jax.tree_util.tree_structure(weights)
+    for a, e in zip(jax.tree_util.tree_leaves(conv), jax.tree_util.tree_leaves(weights)):
+        np.testing.assert_array_equal(a, e)
 
 @needs_cpu
 def test_unet_logits_and_loss_gradient_agree_between_backends(monkeypatch):
