@@ -466,8 +466,9 @@ def sibling_convs(x: jax.Array, weights: Sequence[tuple[jax.Array, jax.Array]],
                   conv_dtype: str | None = None) -> list[jax.Array]:
     """The 'SAME' convolutions of one input ``x`` (N, D, H, W, C) by several kernels of one size,
     computed as one convolution with their output channels side by side: each output channel is
-    the same sum as alone, and a convolution with few input channels (the QC encoder's one-hot
-    input, 9) runs nearly as fast for twice the outputs (1.5x less time than two, BENCHMARKS.md)."""
+    the same sum as alone, and a convolution with few input channels is faster for twice the
+    outputs than two are (the QC encoder's 9 one-hot channels at 224^3: 3.0 s against 2 x 2.0 s,
+    BENCHMARKS.md)."""
     kernel = jnp.concatenate([k for k, _ in weights], axis=-1)
     bias = jnp.concatenate([b for _, b in weights])
     y = conv3d_padded(x, kernel, bias, conv_dtype=conv_dtype)

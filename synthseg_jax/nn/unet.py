@@ -199,7 +199,8 @@ class EncoderConfig:
 class ResidualEncoder(nn.Module):
     """neurite ``conv_enc``: per level, convs (the last without activation when residual), a
     residual sum with the level's input (projected by ``expand_down_merge`` when the channel
-    counts differ), activation, BatchNorm, then max-pooling except after the last level."""
+    counts differ; that projection and the level's first conv run as one, ``sibling_convs``),
+    activation, BatchNorm, then max-pooling except after the last level."""
 
     config: EncoderConfig
 
