@@ -47,9 +47,11 @@ def mni_t1() -> str:
                         "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
 
 
-def timed(fn: Callable, *args: Any, repeats: int) -> tuple[float, Any]:
-    """Median seconds of ``repeats`` calls of the compiled ``fn`` after a first (compiling) one."""
-    compiled = jax.jit(fn)
+def timed(fn: Callable, *args: Any, repeats: int,
+          compiler_options: dict[str, Any] | None = None) -> tuple[float, Any]:
+    """Median seconds of ``repeats`` calls of ``fn`` compiled for ``args`` (with XLA's
+    ``compiler_options``, if given), after a first call, and its result."""
+    compiled = jax.jit(fn).lower(*args).compile(compiler_options=compiler_options)
     result = jax.block_until_ready(compiled(*args))
     seconds = []
     for _ in range(repeats):

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -28,6 +26,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench_lowres_path import timed  # noqa: E402
 from bench_qc_model import host  # noqa: E402
 from synthseg_jax.inference.network import COMPILER_OPTIONS, Mode, load_networks  # noqa: E402
 
@@ -36,26 +35,14 @@ PADDED_MNI = (224, 256, 192)
 
 def network_inputs(nets, rng: np.random.Generator) -> dict[str, tuple]:
     """Per network: its module, its variables and an input of the size predict gives it."""
-    image = rng.standard_normal((1,) + PADDED_MNI + (1,), dtype=np.float32)
+    image = jnp.asarray(rng.standard_normal((1,) + PADDED_MNI + (1,), dtype=np.float32))
     cortex = jax.nn.one_hot(rng.integers(0, 2, (1,) + PADDED_MNI), 2, dtype=jnp.float32)
     crop = (nets.qc_crop_size,) * 3
     qc_classes = jax.nn.one_hot(rng.integers(0, nets.tables.n_qc, (1,) + crop), nets.tables.n_qc,
                                 dtype=jnp.float32)
-    return {"seg": (nets.segmenter, nets.variables["seg"], jnp.asarray(image)),
-            "parc": (nets.parc, nets.variables["parc"],
-                     jnp.concatenate([jnp.asarray(image), cortex], axis=-1)),
+    return {"seg": (nets.segmenter, nets.variables["seg"], image),
+            "parc": (nets.parc, nets.variables["parc"], jnp.concatenate([image, cortex], axis=-1)),
             "qc": (nets.qc, nets.variables["qc"], qc_classes)}
-
-
-def median_seconds(module, variables, x, repeats: int) -> float:
-    forward = jax.jit(module.apply).lower(variables, x).compile(compiler_options=COMPILER_OPTIONS)
-    jax.block_until_ready(forward(variables, x))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(forward(variables, x))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -73,7 +60,8 @@ def main() -> None:
         inputs = network_inputs(nets, np.random.default_rng(0))
         for name in args.networks.split(","):
             module, variables, x = inputs[name]
-            seconds = median_seconds(module, variables, x, args.repeats)
+            seconds, _ = timed(module.apply, variables, x, repeats=args.repeats,
+                               compiler_options=COMPILER_OPTIONS)
             rows.append((name, precision, "x".join(map(str, x.shape[1:])), seconds))
             print(f"{name} {precision}: {seconds:.2f} s", file=sys.stderr, flush=True)
 

@@ -472,5 +472,4 @@ def sibling_convs(x: jax.Array, weights: Sequence[tuple[jax.Array, jax.Array]],
     kernel = jnp.concatenate([k for k, _ in weights], axis=-1)
     bias = jnp.concatenate([b for _, b in weights])
     y = conv3d_padded(x, kernel, bias, conv_dtype=conv_dtype)
-    bounds = np.cumsum([0] + [b.shape[0] for _, b in weights])
-    return [y[..., lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
+    return jnp.split(y, np.cumsum([b.shape[0] for _, b in weights])[:-1], axis=-1)

@@ -196,6 +196,7 @@ def test_conv_weights_are_a_conv3d_s_parameters():
     for a, e in zip(jax.tree_util.tree_leaves(conv), jax.tree_util.tree_leaves(weights)):
         np.testing.assert_array_equal(a, e)
 
+
 @needs_cpu
 def test_unet_logits_and_loss_gradient_agree_between_backends(monkeypatch):
     cfg = UNetConfig(prefix="unet", n_labels=5, nb_features=4, nb_levels=3)
